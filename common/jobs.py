@@ -1,0 +1,92 @@
+"""How a job lives in its Redis hash: fields written at submission, and the job document
+read back from them. The hash keeps flat fields the Lua scripts need (queue, priority,
+retries, scheduled_at …) and the whole submission as JSON in `spec`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from ulid import ULID
+
+from common.clock import iso_to_ms, ms_to_iso
+from common.models import Job, JobSubmission, Priority, Progress, State
+
+
+def new_job_id() -> str:
+    """A time-sortable id (ULID, 26 characters, lower case)."""
+    return str(ULID()).lower()
+
+
+def submission_fields(sub: JobSubmission) -> dict[str, str | int | float]:
+    """The hash fields written by submit.lua besides id, state, owner and created_at."""
+    fields: dict[str, str | int | float] = {
+        "kind": sub.kind,
+        "queue": sub.queue,
+        "priority": int(Priority.parse(sub.priority)),
+        "retries": sub.retries,
+        "spec": orjson.dumps(sub.model_dump(mode="json", exclude_defaults=True)).decode(),
+    }
+    if sub.host:
+        fields["host"] = sub.host
+    if sub.scheduled_at is not None:
+        fields["scheduled_at"] = iso_to_ms(sub.scheduled_at)
+    if sub.idempotency_key:
+        fields["idempotency_key"] = sub.idempotency_key
+    return fields
+
+
+def spec_of(h: dict[str, str]) -> JobSubmission:
+    return JobSubmission.model_validate(orjson.loads(h.get("spec") or "{}"))
+
+
+def _int(value: str | None) -> int | None:
+    return int(value) if value not in (None, "") else None
+
+
+def job_from_hash(h: dict[str, str]) -> Job:
+    """The job document from a job hash (as HGETALL returns it, decoded)."""
+    spec: dict[str, Any] = orjson.loads(h.get("spec") or "{}")
+    progress = None
+    if h.get("progress"):
+        progress = Progress.model_validate(orjson.loads(h["progress"]))
+    result = orjson.loads(h["result"]) if h.get("result") else None
+    spec.pop("stale_after", None)
+    spec.pop("retry_delay", None)
+    spec.pop("retry_backoff", None)
+    spec.pop("retry_max_delay", None)
+    doc = {
+        **spec,
+        "id": h["id"],
+        "state": State(h["state"]),
+        "owner": h.get("owner", ""),
+        "kind": h.get("kind") or spec.get("kind", "shell"),
+        "queue": h.get("queue") or spec.get("queue", "default"),
+        "priority": Priority(int(h.get("priority") or 2)).label,
+        "wait_reason": h.get("wait_reason") or None,
+        "attempt": _int(h.get("attempt")) or 0,
+        "worker": h.get("worker") or None,
+        "created_at": ms_to_iso(_int(h.get("created_at"))),
+        "started_at": ms_to_iso(_int(h.get("started_at"))),
+        "finished_at": ms_to_iso(_int(h.get("finished_at"))),
+        "exit_code": _int(h.get("exit_code")),
+        "result": result,
+        "error": h.get("error") or None,
+        "reason": h.get("reason") or None,
+        "progress": progress,
+    }
+    return Job.model_validate(doc)
+
+
+def hash_from_record(rec: Any) -> dict[str, str]:
+    """A job hash rebuilt from its SQL mirror row (a JobRecord), for `job_from_hash`."""
+    h: dict[str, str] = {}
+    for name in (
+        "id", "state", "owner", "kind", "queue", "priority", "host", "attempt", "worker",
+        "wait_reason", "created_at", "started_at", "finished_at", "exit_code", "result",
+        "error", "reason", "spec",
+    ):
+        value = getattr(rec, name)
+        if value is not None:
+            h[name] = str(value)
+    return h

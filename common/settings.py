@@ -1,0 +1,66 @@
+"""Settings for every part, from environment variables `TIDAL_*` (pydantic-settings).
+
+Built by the cached `get_settings()`, never at import; tests build their own `Settings`.
+docs/configuration.md has the same table for users.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TIDAL_", extra="ignore")
+
+    # where things are
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    prefix: str = "{tidal}"
+    data_dir: Path = Path(".tidal")
+    database_url: str | None = None  # default: sqlite:///<data_dir>/tidal.db
+    token: str | None = None  # the admin token (plain text, from the environment only)
+
+    # api
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+    max_body_bytes: int = 8 * 1024 * 1024
+    max_batch: int = 10_000
+
+    # scheduling
+    priority_step_s: float = 300.0
+    default_timeout_s: float = 3600.0
+    max_timeout_s: float = 7 * 24 * 3600.0
+    scheduler_block_ms: int = 20
+    admit_batch: int = 500
+
+    # workers
+    heartbeat_s: float = 2.0
+    worker_ttl_s: float = 10.0
+    concurrency: int = 4
+    queues: list[str] = Field(default_factory=lambda: ["default"])
+    allow_modules: list[str] = Field(default_factory=list)
+    kill_grace_s: float = 2.0
+    log_flush_ms: int = 50
+    log_max_lines: int = 100_000
+    log_line_max_bytes: int = 64 * 1024
+
+    # history
+    events_maxlen: int = 1_000_000
+    job_ttl_s: int = 7 * 24 * 3600  # finished job hashes and logs stay this long in Redis
+
+    # logging
+    log_level: str = "INFO"
+    log_format: str = "auto"  # auto | json | console
+
+    def sqlalchemy_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'tidal.db').resolve()}"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

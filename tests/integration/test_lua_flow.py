@@ -1,0 +1,138 @@
+"""Every Lua script against the real server, step by step along a job's life."""
+
+from __future__ import annotations
+
+import redis
+
+from common import scripts as sc
+from common.jobs import new_job_id, submission_fields
+from common.keys import GROUP_SCHEDULERS, GROUP_WORKERS, Keys
+from common.models import JobSubmission
+from common.streams import ensure_group
+
+MAXLEN = 10_000
+STEP_MS = 300_000
+
+
+def _submit(r: redis.Redis, s: sc.Scripts, keys: Keys, **kw: object) -> str:
+    job_id = new_job_id()
+    sub = JobSubmission.model_validate({"command": ["true"], **kw})
+    res = s.run(
+        sc.submit(keys, job_id, "alice", submission_fields(sub), events_maxlen=MAXLEN,
+                  idempotency_key=sub.idempotency_key)
+    )
+    assert res[0] in (0, 1)
+    return str(res[1])
+
+
+def _admit_all(r: redis.Redis, s: sc.Scripts, keys: Keys) -> int:
+    ensure_group(r, keys.submissions(), GROUP_SCHEDULERS)
+    got = r.xreadgroup(GROUP_SCHEDULERS, "s1", {keys.submissions(): ">"}, count=100)
+    entries = []
+    for _stream, items in got:
+        for entry_id, fields in items:
+            queue = r.hget(keys.job(fields["id"]), "queue")
+            entries.append((entry_id, fields["id"], queue))
+    if not entries:
+        return 0
+    return int(s.run(sc.admit(keys, entries, events_maxlen=MAXLEN, priority_step_ms=STEP_MS,
+                              by="s1")))
+
+
+def test_submit_writes_pending_hash_and_is_idempotent(r: redis.Redis, keys: Keys) -> None:
+    s = sc.Scripts(r)
+    a = _submit(r, s, keys, idempotency_key="k1")
+    b = _submit(r, s, keys, idempotency_key="k1")
+    assert a == b
+    assert r.hget(keys.job(a), "state") == "pending"
+    assert r.xlen(keys.submissions()) == 1
+    assert r.xlen(keys.events()) == 1
+
+
+def test_priority_orders_queue_and_dispatch_respects_capacity(r: redis.Redis, keys: Keys) -> None:
+    s = sc.Scripts(r)
+    low = _submit(r, s, keys, priority="low")
+    crit = _submit(r, s, keys, priority="critical")
+    norm = _submit(r, s, keys)
+    assert _admit_all(r, s, keys) == 3
+    order = r.zrange(keys.queue("default"), 0, -1)
+    assert order == [crit, norm, low]
+    assert r.xlen(keys.submissions()) == 0  # acknowledged and deleted
+
+    sent = s.run(sc.dispatch(keys, "default", order, capacity=2, events_maxlen=MAXLEN, by="s1"))
+    assert sent == 2
+    assert r.xlen(keys.dispatch("default")) == 2
+    assert r.zrange(keys.queue("default"), 0, -1) == [low]
+    # no free slot left: nothing more goes out
+    assert s.run(sc.dispatch(keys, "default", [low], capacity=2, events_maxlen=MAXLEN,
+                             by="s1")) == 0
+
+
+def test_start_finish_and_fencing(r: redis.Redis, keys: Keys) -> None:
+    s = sc.Scripts(r)
+    job = _submit(r, s, keys)
+    _admit_all(r, s, keys)
+    s.run(sc.dispatch(keys, "default", [job], capacity=1, events_maxlen=MAXLEN, by="s1"))
+    ensure_group(r, keys.dispatch("default"), GROUP_WORKERS)
+    [(_, items)] = r.xreadgroup(GROUP_WORKERS, "w1", {keys.dispatch("default"): ">"}, count=10)
+    entry, fields = items[0]
+    [started] = s.run(sc.start(keys, "default", [(entry, fields["id"])], worker="w1",
+                               events_maxlen=MAXLEN))
+    assert started[0] == job and started[1] == 1
+    assert r.hget(keys.job(job), "state") == "running"
+
+    stale = sc.finish(keys, job, "default", "0-1", sc.Outcome("completed", 0), worker="w0",
+                      retry_delay_ms=0, events_maxlen=MAXLEN, ttl_s=60)
+    assert s.run(stale) == -1
+    done = sc.finish(keys, job, "default", entry, sc.Outcome("completed", 0), worker="w1",
+                     retry_delay_ms=0, events_maxlen=MAXLEN, ttl_s=60)
+    assert s.run(done) == "completed"
+    assert r.xlen(keys.dispatch("default")) == 0
+    assert r.xpending(keys.dispatch("default"), GROUP_WORKERS)["pending"] == 0
+    assert r.ttl(keys.job(job)) > 0
+    states = [f["state"] for _, f in r.xrange(keys.events())]
+    assert states == ["pending", "queued", "dispatched", "running", "completed"]
+    assert s.run(done) == -1  # token cleared: a second finish is refused
+
+
+def test_failed_attempt_with_retries_goes_to_delayed_then_back(r: redis.Redis, keys: Keys) -> None:
+    s = sc.Scripts(r)
+    job = _submit(r, s, keys, retries=1)
+    _admit_all(r, s, keys)
+    s.run(sc.dispatch(keys, "default", [job], capacity=1, events_maxlen=MAXLEN, by="s1"))
+    ensure_group(r, keys.dispatch("default"), GROUP_WORKERS)
+    [(_, items)] = r.xreadgroup(GROUP_WORKERS, "w1", {keys.dispatch("default"): ">"}, count=1)
+    entry = items[0][0]
+    s.run(sc.start(keys, "default", [(entry, job)], worker="w1", events_maxlen=MAXLEN))
+    out = s.run(sc.finish(keys, job, "default", entry, sc.Outcome("failed", 1, reason="exit_code"),
+                          worker="w1", retry_delay_ms=0, events_maxlen=MAXLEN, ttl_s=60))
+    assert out == "retrying"
+    assert r.zscore(keys.delayed(), job) is not None
+    assert s.run(sc.promote_due(keys, [(job, "default")], events_maxlen=MAXLEN,
+                                priority_step_ms=STEP_MS, by="s1")) == 1
+    assert r.zrange(keys.queue("default"), 0, -1) == [job]
+    assert r.hget(keys.job(job), "state") == "queued"
+
+
+def test_cancel_in_each_state(r: redis.Redis, keys: Keys) -> None:
+    s = sc.Scripts(r)
+    queued = _submit(r, s, keys)
+    running = _submit(r, s, keys)
+    _admit_all(r, s, keys)
+
+    def cancel(job: str) -> object:
+        return s.run(sc.cancel(keys, job, "default", by="alice", events_maxlen=MAXLEN, ttl_s=60))
+
+    s.run(sc.dispatch(keys, "default", [running], capacity=1, events_maxlen=MAXLEN, by="s1"))
+    ensure_group(r, keys.dispatch("default"), GROUP_WORKERS)
+    [(_, items)] = r.xreadgroup(GROUP_WORKERS, "w1", {keys.dispatch("default"): ">"}, count=1)
+    s.run(sc.start(keys, "default", [(items[0][0], running)], worker="w1", events_maxlen=MAXLEN))
+
+    assert cancel(queued) == "cancelled"
+    assert r.zscore(keys.queue("default"), queued) is None
+    assert cancel(queued) == -1
+    assert cancel(running) == "cancelling"
+    assert r.hget(keys.job(running), "cancel") == "1"
+    hb = s.run(sc.heartbeat(keys, "w1", [running], {"slots": 1}, ttl_ms=5000))
+    assert hb == [running]
+    assert cancel("nope") == -3
