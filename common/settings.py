@@ -35,6 +35,11 @@ class Settings(BaseSettings):
     max_timeout_s: float = 7 * 24 * 3600.0
     scheduler_block_ms: int = 20
     admit_batch: int = 500
+    dispatch_batch: int = 500
+    capacity_refresh_s: float = 0.25
+    reclaim_idle_s: float = 30.0  # a submissions/events entry pending this long is taken over
+    recorder: bool = True  # run the recorder inside the scheduler process
+    recorder_batch: int = 500
 
     # workers
     heartbeat_s: float = 2.0
@@ -43,6 +48,7 @@ class Settings(BaseSettings):
     queues: list[str] = Field(default_factory=lambda: ["default"])
     allow_modules: list[str] = Field(default_factory=list)
     kill_grace_s: float = 2.0
+    shutdown_grace_s: float = 30.0
     log_flush_ms: int = 50
     log_max_lines: int = 100_000
     log_line_max_bytes: int = 64 * 1024

@@ -12,6 +12,7 @@
 -- ARGV[3] idempotency TTL in seconds (0 = no key)
 -- ARGV[4] owner (who made the change)
 -- ARGV[5..] field, value pairs of the job hash
+-- The submissions entry carries the id and the queue name (fields id, q).
 -- Returns {1, id, created_ms} when accepted, {0, existing_id, created_ms} when deduplicated.
 
 local job, subs, events, idem = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
@@ -31,6 +32,6 @@ local fields = {'HSET', job, 'id', id, 'state', 'pending', 'created_at', now, 'a
 for i = 5, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call(unpack(fields))
 if idem_ttl > 0 then redis.call('SET', idem, id, 'EX', idem_ttl) end
-redis.call('XADD', subs, '*', 'id', id)
+redis.call('XADD', subs, '*', 'id', id, 'q', redis.call('HGET', job, 'queue') or 'default')
 emit(events, maxlen, job, id, 'pending', now, owner)
 return {1, id, now}
