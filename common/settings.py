@@ -12,13 +12,15 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from common.keys import DEFAULT_PREFIX
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TIDAL_", extra="ignore")
 
     # where things are
     redis_url: str = "redis://127.0.0.1:6379/0"
-    prefix: str = "{tidal}"
+    prefix: str = DEFAULT_PREFIX
     data_dir: Path = Path(".tidal")
     database_url: str | None = None  # default: sqlite:///<data_dir>/tidal.db
     token: str | None = None  # the admin token (plain text, from the environment only)
