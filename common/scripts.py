@@ -24,6 +24,7 @@ SCRIPT_NAMES = (
     "finish",
     "cancel",
     "heartbeat",
+    "reclaim",
 )
 
 
@@ -206,6 +207,26 @@ def heartbeat(
         "heartbeat",
         [keys.worker(worker_id), keys.workers(), *map(keys.job, running)],
         [worker_id, ttl_ms, ",".join(running), *flat],
+    )
+
+
+def reclaim(
+    keys: Keys,
+    queue: str,
+    entries: Sequence[tuple[str, str]],
+    *,
+    max_deliveries: int,
+    events_maxlen: int,
+    ttl_s: int,
+    by: str,
+) -> Call:
+    """entries: (dispatch entry id, job id) claimed from dead consumers."""
+    return Call(
+        "reclaim",
+        [keys.dispatch(queue), keys.queue(queue), keys.events(),
+         *(keys.job(job_id) for _, job_id in entries)],
+        [GROUP_WORKERS, events_maxlen, max_deliveries, ttl_s, by,
+         *(entry for entry, _ in entries)],
     )
 
 

@@ -40,6 +40,8 @@ class Settings(BaseSettings):
     dispatch_batch: int = 500
     capacity_refresh_s: float = 0.25
     reclaim_idle_s: float = 30.0  # a submissions/events entry pending this long is taken over
+    reap_interval_s: float = 2.0
+    max_deliveries: int = 3  # a job lost with its worker more often fails as poison
     recorder: bool = True  # run the recorder inside the scheduler process
     recorder_batch: int = 500
 

@@ -13,7 +13,7 @@ import redis
 
 from common import scripts as sc
 from common.clock import monotonic
-from common.keys import GROUP_SCHEDULERS, Keys
+from common.keys import GROUP_SCHEDULERS, GROUP_WORKERS, Keys
 from common.logging import get_logger
 from common.settings import Settings
 from common.streams import ensure_group
@@ -93,6 +93,53 @@ class Duties:
             self.keys, candidates, events_maxlen=self.settings.events_maxlen,
             priority_step_ms=self.step_ms, by=self.me,
         )))
+
+    # -- reap ---------------------------------------------------------------------
+    def reap(self) -> int:
+        """Requeue the jobs that workers whose heartbeat expired left pending."""
+        self._refresh_queue_names()
+        return sum(self._reap_queue(queue) for queue in self.queue_names)
+
+    def _reap_queue(self, queue: str) -> int:
+        stream = self.keys.dispatch(queue)
+        try:
+            consumers = [c["name"] for c in self.client.xinfo_consumers(stream, GROUP_WORKERS)]
+        except redis.ResponseError:
+            return 0  # no group yet: no worker ever read this queue
+        if not consumers:
+            return 0
+        pipe = self.client.pipeline(transaction=False)
+        for name in consumers:
+            pipe.exists(self.keys.worker(name))
+        alive = pipe.execute()
+        dead = [name for name, ok in zip(consumers, alive, strict=True) if not ok]
+        return sum(self._reap_consumer(queue, name) for name in dead)
+
+    def _reap_consumer(self, queue: str, consumer: str) -> int:
+        stream = self.keys.dispatch(queue)
+        pending = self.client.xpending_range(stream, GROUP_WORKERS, min="-", max="+",
+                                             count=self.settings.dispatch_batch,
+                                             consumername=consumer)
+        if not pending:
+            # its pending list is empty, so deleting the consumer drops nothing
+            self.client.xgroup_delconsumer(stream, GROUP_WORKERS, consumer)
+            return 0
+        ids = [p["message_id"] for p in pending]
+        claimed = self.client.xclaim(stream, GROUP_WORKERS, self.me, min_idle_time=0,
+                                     message_ids=ids)
+        entries = [(eid, f["id"]) for eid, f in claimed if f and "id" in f]
+        gone = set(ids) - {eid for eid, _ in entries}
+        if gone:  # entries deleted under us (finished meanwhile): just drop them
+            self.client.xack(stream, GROUP_WORKERS, *gone)
+        if not entries:
+            return 0
+        requeued, ended = self.scripts.run(sc.reclaim(
+            self.keys, queue, entries, max_deliveries=self.settings.max_deliveries,
+            events_maxlen=self.settings.events_maxlen, ttl_s=self.settings.job_ttl_s, by=self.me,
+        ))
+        log.warning("reclaimed jobs of a dead worker", worker=consumer, queue=queue,
+                    requeued=requeued, ended=ended)
+        return int(requeued) + int(ended)
 
     # -- dispatch -----------------------------------------------------------------
     def dispatch_all(self) -> int:

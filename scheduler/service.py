@@ -57,6 +57,7 @@ class Scheduler:
         periodic = [
             Every(0.05, self.duties.promote_due),
             Every(5.0, self.duties.reclaim_submissions),
+            Every(self.settings.reap_interval_s, self.duties.reap),
         ]
         ready = False
         backoff = 0.1

@@ -36,8 +36,10 @@ for i = 1, (#KEYS - 4) / 2 do
       redis.call('HSET', job, 'state', 'queued', 'wait_reason', 'scheduled_at', 'admitted_at', now)
       emit(events, maxlen, job, id, 'queued', now, by, {'wait_reason', 'scheduled_at'})
     else
-      redis.call('ZADD', queue, created + level * step, id)
-      redis.call('HSET', job, 'state', 'queued', 'wait_reason', 'priority', 'admitted_at', now)
+      local score = created + level * step
+      redis.call('ZADD', queue, score, id)
+      redis.call('HSET', job, 'state', 'queued', 'wait_reason', 'priority', 'admitted_at', now,
+                 'score', score)
       emit(events, maxlen, job, id, 'queued', now, by, {'wait_reason', 'priority'})
     end
     admitted = admitted + 1

@@ -28,7 +28,8 @@ local token, group, outcome = ARGV[1], ARGV[2], ARGV[3]
 local exit_code, result, err, reason = ARGV[4], ARGV[5], ARGV[6], ARGV[7]
 local maxlen, ttl, retry_ms, worker = ARGV[8], tonumber(ARGV[9]), tonumber(ARGV[10]), ARGV[11]
 
-local h = redis.call('HMGET', job, 'state', 'dispatch_id', 'id', 'attempt', 'retries', 'cancel')
+local h = redis.call('HMGET', job, 'state', 'dispatch_id', 'id', 'attempt', 'retries', 'cancel',
+                     'lost')
 if not h[1] then return -3 end
 if h[2] ~= token then return -1 end
 if h[1] ~= 'running' then return -2 end
@@ -37,11 +38,13 @@ redis.call('XACK', stream, group, token)
 redis.call('XDEL', stream, token)
 local now = now_ms()
 local id, attempt, retries = h[3], tonumber(h[4]) or 1, tonumber(h[5]) or 0
+-- attempts lost with their worker do not spend a retry
+local spent = attempt - (tonumber(h[7]) or 0)
 if h[6] == '1' then outcome = 'cancelled'; reason = 'cancelled' end
 
 local fields = {'exit_code', exit_code, 'result', result, 'error', err, 'reason', reason,
                 'dispatch_id', ''}
-if outcome == 'failed' and attempt <= retries then
+if outcome == 'failed' and spent <= retries then
   local due = now + retry_ms
   redis.call('ZADD', delayed, due, id)
   redis.call('HSET', job, 'state', 'retrying', 'wait_reason', 'retry', 'retry_at', due,

@@ -25,8 +25,9 @@ for i = 1, (#KEYS - 2) / 2 do
     local h = redis.call('HMGET', job, 'state', 'priority')
     if h[1] == 'queued' or h[1] == 'retrying' then
       -- a retry or a delayed start counts its age from when it became due
-      redis.call('ZADD', queue, due + (tonumber(h[2]) or 2) * step, id)
-      redis.call('HSET', job, 'state', 'queued', 'wait_reason', 'priority')
+      local score = due + (tonumber(h[2]) or 2) * step
+      redis.call('ZADD', queue, score, id)
+      redis.call('HSET', job, 'state', 'queued', 'wait_reason', 'priority', 'score', score)
       emit(events, maxlen, job, id, 'queued', now, by, {'wait_reason', 'priority'})
       promoted = promoted + 1
     end

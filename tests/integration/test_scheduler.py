@@ -150,3 +150,62 @@ def test_recorder_uses_events_when_the_hash_expired(
         row = db.get(JobRecord, job)
         assert row is not None
         assert (row.state, row.reason, row.owner, row.seq) == ("cancelled", "cancelled", "alice", 7)
+
+
+def _run_one(r: redis.Redis, keys: Keys, settings: Settings, s: Scheduler, worker: str,
+             **kw: object) -> tuple[str, str]:
+    """Submit, admit, dispatch and start one job on `worker`; returns (job id, entry id)."""
+    job = submit(r, keys, settings, **kw)
+    s.duties.admit(block_ms=None)
+    fake_worker(r, keys, worker, slots=1, ttl_ms=60_000)
+    s.duties.dispatch_all()
+    ensure_group(r, keys.dispatch("default"), GROUP_WORKERS)
+    [(_, items)] = r.xreadgroup(GROUP_WORKERS, worker, {keys.dispatch("default"): ">"}, count=1)
+    sc.Scripts(r).run(sc.start(keys, "default", [(items[0][0], job)], worker=worker,
+                               events_maxlen=1000))
+    return job, items[0][0]
+
+
+def test_reaper_requeues_the_job_of_a_dead_worker_without_spending_a_retry(
+    r: redis.Redis, keys: Keys, settings: Settings
+) -> None:
+    s = Scheduler(settings.model_copy(update={"capacity_refresh_s": 0.0}))
+    s.duties.ensure_groups()
+    job, entry = _run_one(r, keys, settings, s, "w-dead")
+    assert s.duties.reap() == 0  # its heartbeat is alive: nothing to do
+    r.delete(keys.worker("w-dead"))  # the heartbeat expired
+    assert s.duties.reap() == 1
+    h = r.hgetall(keys.job(job))
+    assert (h["state"], h["lost"], h["attempt"]) == ("queued", "1", "1")
+    assert r.zrange(keys.queue("default"), 0, -1) == [job]
+    assert r.xlen(keys.dispatch("default")) == 0
+    assert r.xpending(keys.dispatch("default"), GROUP_WORKERS)["pending"] == 0
+    # the stale worker's finish is refused (its token is gone)
+    out = sc.Scripts(r).run(sc.finish(keys, job, "default", entry, sc.Outcome("completed", 0),
+                                      worker="w-dead", retry_delay_ms=0, events_maxlen=100,
+                                      ttl_s=60))
+    assert out == -1
+    # the next reap deletes the dead consumer, whose pending list is now empty
+    s.duties.reap()
+    consumers = {c["name"] for c in r.xinfo_consumers(keys.dispatch("default"), GROUP_WORKERS)}
+    assert "w-dead" not in consumers
+
+
+def test_a_job_lost_too_often_fails_as_poison(
+    r: redis.Redis, keys: Keys, settings: Settings
+) -> None:
+    s = Scheduler(settings.model_copy(update={"capacity_refresh_s": 0.0, "max_deliveries": 1}))
+    s.duties.ensure_groups()
+    job, _ = _run_one(r, keys, settings, s, "w-a")
+    r.delete(keys.worker("w-a"))
+    s.duties.reap()
+    assert r.hget(keys.job(job), "state") == "queued"
+    fake_worker(r, keys, "w-b", slots=1, ttl_ms=60_000)
+    s.duties.dispatch_all()
+    [(_, items)] = r.xreadgroup(GROUP_WORKERS, "w-b", {keys.dispatch("default"): ">"}, count=1)
+    sc.Scripts(r).run(sc.start(keys, "default", [(items[0][0], job)], worker="w-b",
+                               events_maxlen=1000))
+    r.delete(keys.worker("w-b"))
+    s.duties.reap()
+    h = r.hgetall(keys.job(job))
+    assert (h["state"], h["reason"]) == ("failed", "poison")
