@@ -202,6 +202,12 @@ class Job(BaseModel):
     progress: Progress | None = None
 
 
+class JobBatch(BaseModel):
+    """The answer to a batch submission (POST /jobs with a list): jobs in request order."""
+
+    jobs: list[Job]
+
+
 class JobPage(BaseModel):
     jobs: list[Job]
     next_cursor: str | None = None
