@@ -7,7 +7,6 @@ lone surrogates, sizes are capped, numbers are bounded, unknown fields are refus
 
 from __future__ import annotations
 
-import re
 from datetime import datetime
 from enum import IntEnum, StrEnum
 from typing import Annotated, Any, Literal
@@ -82,6 +81,7 @@ def _clean_text(value: str) -> str:
 
 CleanStr = Annotated[str, AfterValidator(_clean_text)]
 Name = Annotated[str, Field(pattern=NAME_RE)]
+EnvName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=256)]
 
 
 def _json_size(value: Any) -> int:
@@ -110,9 +110,7 @@ class JobSubmission(BaseModel):
     )
     args: list[Any] = Field(default_factory=list)
     kwargs: dict[str, Any] = Field(default_factory=dict)
-    env: dict[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=256)], CleanStr] = (
-        Field(default_factory=dict)
-    )
+    env: dict[EnvName, CleanStr] = Field(default_factory=dict)
     cwd: CleanStr | None = Field(default=None, max_length=4096)
     queue: Name = "default"
     priority: PriorityName = "normal"

@@ -30,7 +30,9 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def server_args(port: int, data_dir: Path, *, aof: bool = True, host: str = "127.0.0.1") -> list[str]:
+def server_args(
+    port: int, data_dir: Path, *, aof: bool = True, host: str = "127.0.0.1"
+) -> list[str]:
     """Command line of a server with the configuration Tidal ships: AOF with fsync every
     second, no eviction (a queue must never lose keys to maxmemory), files in data_dir."""
     args = [
@@ -51,7 +53,9 @@ def server_args(port: int, data_dir: Path, *, aof: bool = True, host: str = "127
     return args
 
 
-def wait_ready(url: str, timeout: float = 10.0, proc: subprocess.Popen[bytes] | None = None) -> None:
+def wait_ready(
+    url: str, timeout: float = 10.0, proc: subprocess.Popen[bytes] | None = None
+) -> None:
     """Block until the server answers PING (or raise)."""
     deadline = time.monotonic() + timeout
     client = redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=1.0)

@@ -167,7 +167,8 @@ class Duties:
         )))
 
     def _refresh_capacity(self, force: bool = False) -> None:
-        if not force and monotonic() - self.capacity.refreshed_at < self.settings.capacity_refresh_s:
+        age = monotonic() - self.capacity.refreshed_at
+        if not force and age < self.settings.capacity_refresh_s:
             return
         now_ms = self._redis_now_ms()
         alive_after = now_ms - int(self.settings.worker_ttl_s * 1000)

@@ -79,8 +79,9 @@ class Recorder:
                 backoff = min(backoff * 2, 5.0)
 
     def step(self, block_ms: int | None = None) -> int:
-        """Apply one batch (block_ms None: don't wait; never 0, which blocks forever): entries this recorder left unacknowledged first (after an
-        error), then entries other recorders abandoned, then new ones."""
+        """Apply one batch: entries this recorder left unacknowledged first (after an
+        error), then entries other recorders abandoned, then new ones. block_ms None
+        means don't wait (never 0, which blocks forever)."""
         items = self._read("0", None) or self._claim() or self._read(">", block_ms)
         if not items:
             return 0

@@ -74,7 +74,8 @@ def test_tidal_up_end_to_end(tmp_path: Path, procs: Procs) -> None:
     assert cli(tmp_path, "cancel", long_id).returncode == 0
     wait_for(lambda: status(tmp_path, long_id)["state"] == "cancelled", timeout=30,
              what="cancelled")
-    sleepers = [p for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"] == ["sleep", "300"]]
+    sleepers = [p for p in psutil.process_iter(["cmdline"])
+                if p.info["cmdline"] == ["sleep", "300"]]
     assert sleepers == []
 
     # workers, with a readable table and JSON

@@ -1,0 +1,141 @@
+"""The FastAPI application: `create_app(settings)` wires routes, error handlers, the
+request-context middleware and a lifespan that opens one Redis client (with its script
+registry) and the SQL engine per process."""
+
+from __future__ import annotations
+
+import re
+import threading
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import structlog
+from fastapi import FastAPI
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from api import errors
+from api.body import body_schemas
+from api.deps import AppState
+from api.routes import ROUTERS
+from api.routes.health import package_version
+from common.clock import monotonic
+from common.db import make_engine
+from common.keys import Keys
+from common.redis import connect_async
+from common.scripts import Scripts
+from common.settings import Settings, get_settings
+
+log = structlog.get_logger("api")
+
+# Each SSE follower holds a pooled connection for up to one XREAD BLOCK (1 s).
+REDIS_MAX_CONNECTIONS = 1000
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._\-]{1,64}$")
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    app.state.stopping.clear()
+    client = connect_async(settings.redis_url)
+    client.connection_pool.max_connections = REDIS_MAX_CONNECTIONS
+    engine = await run_in_threadpool(make_engine, settings)
+    app.state.tidal = AppState(
+        settings=settings,
+        redis=client,
+        scripts=Scripts(client),
+        keys=Keys(settings.prefix),
+        engine=engine,
+        stopping=app.state.stopping,
+    )
+    log.info("api_started", prefix=settings.prefix, database=engine.url.render_as_string())
+    try:
+        yield
+    finally:
+        await client.aclose()
+        engine.dispose()
+        log.info("api_stopped")
+
+
+class RequestContext:
+    """Pure ASGI middleware: a request id (X-Request-ID, echoed back) bound to every log
+    line of the request, one access-log line per request, and the 500 envelope for any
+    exception no handler took (logged once, not re-raised to the server)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = Request(scope).headers.get("x-request-id", "")
+        request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex[:16]
+        status = 500
+        started = False
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status, started
+            if message["type"] == "http.response.start":
+                started, status = True, message["status"]
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        t0 = monotonic()
+        with structlog.contextvars.bound_contextvars(request_id=request_id):
+            try:
+                await self.app(scope, receive, send_with_id)
+            except Exception as exc:
+                await self._fail(scope, receive, send_with_id, exc, started)
+            finally:
+                log.info(
+                    "request", method=scope["method"], path=scope["path"], status=status,
+                    duration_ms=round((monotonic() - t0) * 1000, 1),
+                )
+
+    @staticmethod
+    async def _fail(
+        scope: Scope, receive: Receive, send: Send, exc: Exception, started: bool
+    ) -> None:
+        request = Request(scope, receive)
+        if errors.redis_unavailable(exc):
+            response = errors.unavailable_response(exc)
+        else:
+            response = await errors.internal_error(request, exc)
+        if not started:  # else the client sees a cut response; nothing more can be sent
+            await response(scope, receive, send)
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """The generated schema plus the models of the bodies read by hand (api/body.py)."""
+    if app.openapi_schema is None:
+        schema = FastAPI.openapi(app)  # builds and caches app.openapi_schema
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for name, model_schema in body_schemas().items():
+            components.setdefault(name, model_schema)
+    return app.openapi_schema or {}
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    app = FastAPI(
+        title="Tidal",
+        version=package_version(),
+        description="A distributed job runner on Redis streams. Every error is "
+        '`{"error": {"code", "message", "details"}}`.',
+        lifespan=lifespan,
+        docs_url="/docs",
+        openapi_url="/openapi.json",
+        redoc_url=None,
+    )
+    app.state.settings = settings or get_settings()
+    app.state.stopping = threading.Event()  # set by api.main on SIGTERM/SIGINT
+    errors.install(app)
+    for router in ROUTERS:
+        app.include_router(router)
+    app.add_middleware(RequestContext)
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    return app

@@ -1,0 +1,93 @@
+"""FastAPI dependencies as `Annotated` aliases. Everything comes from `app.state`, set up
+by `api.app.create_app` (settings) and its lifespan (clients), so a test builds an app
+with its own Settings and gets its own clients."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Annotated
+
+import redis.asyncio as aredis
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.engine import Engine
+
+from api.auth import Principal, TokenCache, resolve_principal
+from common.keys import Keys
+from common.scripts import Scripts
+from common.settings import Settings
+
+
+@dataclass
+class AppState:
+    """What the lifespan opens once per process."""
+
+    settings: Settings
+    redis: aredis.Redis
+    scripts: Scripts
+    keys: Keys
+    engine: Engine
+    tokens: TokenCache = field(default_factory=TokenCache)
+    # set when the server begins to stop, so long-lived streams (SSE) end promptly
+    stopping: threading.Event = field(default_factory=threading.Event)
+
+
+def get_state(request: Request) -> AppState:
+    state: AppState = request.app.state.tidal
+    return state
+
+
+def get_app_settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+StateDep = Annotated[AppState, Depends(get_state)]
+SettingsDep = Annotated[Settings, Depends(get_app_settings)]
+
+
+def get_redis(state: StateDep) -> aredis.Redis:
+    return state.redis
+
+
+def get_scripts(state: StateDep) -> Scripts:
+    return state.scripts
+
+
+def get_keys(state: StateDep) -> Keys:
+    return state.keys
+
+
+def get_engine(state: StateDep) -> Engine:
+    return state.engine
+
+
+RedisDep = Annotated[aredis.Redis, Depends(get_redis)]
+ScriptsDep = Annotated[Scripts, Depends(get_scripts)]
+KeysDep = Annotated[Keys, Depends(get_keys)]
+EngineDep = Annotated[Engine, Depends(get_engine)]
+
+bearer = HTTPBearer(
+    auto_error=False,
+    description="The admin token (TIDAL_TOKEN) or a user token from POST /tokens.",
+)
+
+
+async def get_principal(
+    state: StateDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+) -> Principal:
+    token = credentials.credentials if credentials else None
+    return await resolve_principal(token, state.settings, state.engine, state.tokens)
+
+
+PrincipalDep = Annotated[Principal, Depends(get_principal)]
+
+
+def get_admin(principal: PrincipalDep) -> Principal:
+    principal.require_admin()
+    return principal
+
+
+AdminDep = Annotated[Principal, Depends(get_admin)]

@@ -1,0 +1,235 @@
+"""/jobs: submit (one or a batch), list, read, cancel.
+
+Hot state is read from the job hash in Redis; jobs whose hash has expired are read from
+the SQL mirror (written by the recorder, up to about a second behind Redis).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import structlog
+from fastapi import APIRouter, Query, Request
+from sqlalchemy.engine import Engine
+from sqlmodel import Session, col, select
+from starlette.concurrency import run_in_threadpool
+
+from api.auth import Principal
+from api.body import SUBMIT_OPENAPI, read_submissions
+from api.deps import AppState, PrincipalDep, StateDep
+from common import scripts as sc
+from common.errors import Conflict, JobNotFound
+from common.jobs import hash_from_record, job_from_hash, new_job_id, submission_fields
+from common.models import ErrorResponse, Job, JobBatch, JobPage, JobSubmission, State
+from common.tables import JobRecord
+
+log = structlog.get_logger("api")
+router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+JOB_ID_PATTERN = r"^[0-9a-z]{26}$"
+_JOB_ID = re.compile(JOB_ID_PATTERN)
+
+
+def error_docs(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for the given error statuses (every one is the envelope)."""
+    return {code: {"model": ErrorResponse} for code in codes}
+
+
+ERRORS = error_docs(401, 404, 422, 503)
+
+
+# -- reading jobs ---------------------------------------------------------------------------
+
+
+def _mirror_record(engine: Engine, job_id: str) -> JobRecord | None:
+    with Session(engine) as session:
+        return session.get(JobRecord, job_id)
+
+
+async def read_job(ctx: AppState, job_id: str) -> Job | None:
+    """The job document from its hash, else from the SQL mirror, else None."""
+    h = await ctx.redis.hgetall(ctx.keys.job(job_id))
+    if h.get("state"):
+        return job_from_hash(h)
+    rec = await run_in_threadpool(_mirror_record, ctx.engine, job_id)
+    return job_from_hash(hash_from_record(rec)) if rec is not None else None
+
+
+async def visible_job(ctx: AppState, principal: Principal, job_id: str) -> Job:
+    """The job, or 404 when it does not exist or belongs to someone else (no leak)."""
+    structlog.contextvars.bind_contextvars(job_id=job_id)
+    job = await read_job(ctx, job_id) if _JOB_ID.match(job_id) else None
+    if job is None or not principal.may_see(job.owner):
+        raise JobNotFound(f"job {job_id} not found")
+    return job
+
+
+# -- submitting -----------------------------------------------------------------------------
+
+
+def _accepted(job_id: str, owner: str, created: Any, fields: dict[str, Any]) -> Job:
+    h = {name: str(value) for name, value in fields.items()}
+    h.update(id=job_id, state="pending", owner=owner, created_at=str(created), attempt="0")
+    return job_from_hash(h)
+
+
+async def _read_existing(ctx: AppState, ids: list[str]) -> dict[str, Job]:
+    pipe = ctx.redis.pipeline(transaction=False)
+    for job_id in ids:
+        pipe.hgetall(ctx.keys.job(job_id))
+    found: dict[str, Job] = {}
+    for job_id, h in zip(ids, await pipe.execute(), strict=True):
+        job = job_from_hash(h) if h.get("state") else await read_job(ctx, job_id)
+        if job is None:
+            raise Conflict(f"the idempotency key points at job {job_id}, which no longer exists")
+        found[job_id] = job
+    return found
+
+
+async def submit_all(ctx: AppState, owner: str, subs: list[JobSubmission]) -> list[Job]:
+    """Write every job in one non-transactional pipeline; answer once Redis replied."""
+    pipe = ctx.redis.pipeline(transaction=False)
+    planned: list[tuple[str, dict[str, Any]]] = []
+    for sub in subs:
+        job_id, fields = new_job_id(), submission_fields(sub)
+        call = sc.submit(
+            ctx.keys, job_id, owner, fields,
+            events_maxlen=ctx.settings.events_maxlen, idempotency_key=sub.idempotency_key,
+        )
+        await ctx.scripts.run(call, pipe)  # queues the EVALSHA on the pipeline
+        planned.append((job_id, fields))
+    replies = await pipe.execute()
+    existing = [str(rid) for accepted, rid, _ in replies if int(accepted) != 1]
+    deduped = await _read_existing(ctx, existing) if existing else {}
+    jobs = [
+        _accepted(job_id, owner, created, fields) if int(accepted) == 1 else deduped[str(rid)]
+        for (job_id, fields), (accepted, rid, created) in zip(planned, replies, strict=True)
+    ]
+    log.info("jobs_submitted", owner=owner, count=len(jobs), deduplicated=len(existing),
+             job_id=jobs[0].id if len(jobs) == 1 else None)
+    return jobs
+
+
+@router.post(
+    "",
+    status_code=202,
+    response_model=Job | JobBatch,
+    summary="Submit one job, or a batch (a JSON array)",
+    openapi_extra=SUBMIT_OPENAPI,
+    responses=error_docs(401, 409, 413, 415, 422, 503),
+)
+async def submit_jobs(request: Request, ctx: StateDep, principal: PrincipalDep) -> Job | JobBatch:
+    subs, batch = await read_submissions(
+        request, max_bytes=ctx.settings.max_body_bytes, max_batch=ctx.settings.max_batch
+    )
+    jobs = await submit_all(ctx, principal.user, subs)
+    return JobBatch(jobs=jobs) if batch else jobs[0]
+
+
+# -- listing --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class JobFilter:
+    state: State | None = None
+    queue: str | None = None
+    host: str | None = None
+    owner: str | None = None
+    cursor: str | None = None
+
+
+def _query_records(engine: Engine, f: JobFilter, limit: int) -> list[JobRecord]:
+    stmt = select(JobRecord)
+    if f.state is not None:
+        stmt = stmt.where(JobRecord.state == f.state.value)
+    if f.queue is not None:
+        stmt = stmt.where(JobRecord.queue == f.queue)
+    if f.host is not None:
+        stmt = stmt.where(JobRecord.host == f.host)
+    if f.owner is not None:
+        stmt = stmt.where(JobRecord.owner == f.owner)
+    if f.cursor is not None:
+        stmt = stmt.where(col(JobRecord.id) < f.cursor)
+    stmt = stmt.order_by(col(JobRecord.id).desc()).limit(limit)
+    with Session(engine) as session:
+        return list(session.exec(stmt).all())
+
+
+async def _overlay(ctx: AppState, records: list[JobRecord]) -> list[Job]:
+    """Live state from Redis (one pipeline) over the mirror's rows."""
+    pipe = ctx.redis.pipeline(transaction=False)
+    for rec in records:
+        pipe.hgetall(ctx.keys.job(rec.id))
+    hashes = await pipe.execute() if records else []
+    return [
+        job_from_hash(h) if h.get("state") else job_from_hash(hash_from_record(rec))
+        for rec, h in zip(records, hashes, strict=True)
+    ]
+
+
+@router.get("", response_model=JobPage, summary="List jobs, newest first", responses=ERRORS)
+async def list_jobs(
+    ctx: StateDep,
+    principal: PrincipalDep,
+    state: State | None = None,
+    queue: str | None = None,
+    host: str | None = None,
+    owner: Annotated[str | None, Query(description="admins only; others see their own")] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    cursor: Annotated[
+        str | None, Query(pattern=JOB_ID_PATTERN, description="next_cursor of the last page")
+    ] = None,
+) -> JobPage:
+    owner = owner if principal.admin else principal.user
+    f = JobFilter(state=state, queue=queue, host=host, owner=owner, cursor=cursor)
+    records = await run_in_threadpool(_query_records, ctx.engine, f, limit + 1)
+    more = len(records) > limit
+    records = records[:limit]
+    jobs = await _overlay(ctx, records)
+    if state is not None:  # the mirror may lag: keep what still matches live
+        jobs = [job for job in jobs if job.state == state]
+    return JobPage(jobs=jobs, next_cursor=records[-1].id if more else None)
+
+
+# -- one job --------------------------------------------------------------------------------
+
+
+@router.get("/{job_id}", response_model=Job, summary="One job", responses=ERRORS)
+async def get_job(job_id: str, ctx: StateDep, principal: PrincipalDep) -> Job:
+    return await visible_job(ctx, principal, job_id)
+
+
+async def _cancel(ctx: AppState, principal: Principal, job_id: str) -> Any:
+    owner, queue, state = await ctx.redis.hmget(ctx.keys.job(job_id), ["owner", "queue", "state"])
+    if state is None:  # only in the mirror (or nowhere): finished long ago
+        job = await visible_job(ctx, principal, job_id)
+        raise Conflict(f"job {job_id} already finished ({job.state})")
+    if not principal.may_see(owner or ""):
+        raise JobNotFound(f"job {job_id} not found")
+    call = sc.cancel(
+        ctx.keys, job_id, queue or "default", by=principal.user,
+        events_maxlen=ctx.settings.events_maxlen, ttl_s=ctx.settings.job_ttl_s,
+    )
+    return await ctx.scripts.run(call)
+
+
+@router.delete(
+    "/{job_id}", status_code=202, response_model=Job, summary="Cancel a job",
+    responses=error_docs(401, 404, 409, 503),
+)
+async def cancel_job(job_id: str, ctx: StateDep, principal: PrincipalDep) -> Job:
+    if not _JOB_ID.match(job_id):
+        raise JobNotFound(f"job {job_id} not found")
+    structlog.contextvars.bind_contextvars(job_id=job_id)
+    result = await _cancel(ctx, principal, job_id)
+    if result == -3:
+        raise JobNotFound(f"job {job_id} not found")
+    job = await read_job(ctx, job_id)
+    if job is None:
+        raise JobNotFound(f"job {job_id} not found")
+    if result == -1:
+        raise Conflict(f"job {job_id} already finished ({job.state})", {"state": job.state})
+    log.info("job_cancel", result=result, by=principal.user)
+    return job

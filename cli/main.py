@@ -1,0 +1,477 @@
+"""`tidal`: the command line. Each command parses its options, makes one SDK call and hands
+the answer to cli/output.py. Errors are mapped to a message and an exit code once, in
+`TidalGroup.invoke`: `error: <message>` on stderr and exit 1 (click's usage errors exit 2).
+
+The service commands (`api`, `scheduler`, `worker`, `up`) import their part lazily, so the
+HTTP commands start fast.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import TYPE_CHECKING, Annotated, Any
+
+import click
+import orjson
+import typer
+from pydantic import ValidationError
+from typer.core import TyperGroup
+
+from cli import output
+from cli.options import (
+    AllowModuleOpt,
+    ConcurrencyOpt,
+    DataDirOpt,
+    FollowOpt,
+    HostFilterOpt,
+    HostOpt,
+    JobIdArg,
+    JsonOpt,
+    OwnerOpt,
+    PortOpt,
+    PriorityChoice,
+    QueueFilterOpt,
+    RedisUrlOpt,
+    StateOpt,
+    TokenOpt,
+    UrlOpt,
+)
+from common import config
+from common.client import Client
+from common.errors import TidalError
+from common.models import Job, JobPage, State
+
+if TYPE_CHECKING:
+    from common.settings import Settings
+
+EXIT_ERROR = 1
+EXIT_TIMEOUT = 124
+EXIT_CANCELLED = 130
+
+
+class TidalGroup(TyperGroup):
+    """The root group: maps every error a command raises to one line and an exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except TidalError as exc:
+            output.error(exc.message, exc.details)
+        except TimeoutError as exc:
+            output.error(str(exc))
+        except ValidationError as exc:  # settings from TIDAL_* variables that do not parse
+            output.error(f"invalid settings: {exc}")
+        except BrokenPipeError:
+            _silence_stdout()
+        except OSError as exc:
+            output.error(f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""))
+        except KeyboardInterrupt:
+            raise typer.Exit(EXIT_CANCELLED) from None
+        raise typer.Exit(EXIT_ERROR)
+
+
+def _silence_stdout() -> None:
+    """The reader of our stdout went away (`tidal logs ID | head`): stop writing quietly."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
+app = typer.Typer(
+    name="tidal",
+    cls=TidalGroup,
+    help="Tidal: run jobs on a cluster of workers, follow their output, keep the record.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+token_app = typer.Typer(help="Manage API tokens.", no_args_is_help=True)
+app.add_typer(token_app, name="token")
+
+
+def get_client(url: str | None = None, token: str | None = None) -> Client:
+    """The SDK client for the HTTP commands (the tests replace this factory)."""
+    return Client.from_config(url=url, token=token)
+
+
+def exit_code_for(job: Job) -> int:
+    """The exit code `submit --follow` and `wait` end with: a timeout is 124 and a cancel
+    130 (whatever signal ended the process); else the job's exit code (a signal N as
+    128 + N); else 0 for completed and 1 for failed or expired."""
+    if job.reason == "timeout":
+        return EXIT_TIMEOUT
+    if job.state == State.CANCELLED:
+        return EXIT_CANCELLED
+    code = job.exit_code
+    if job.state == State.COMPLETED:
+        return code if code is not None and 0 <= code <= 255 else 0
+    if code is None or code == 0 or code > 255:
+        return EXIT_ERROR
+    return code if code > 0 else min(128 - code, 255)
+
+
+# -- submitting -------------------------------------------------------------------------
+
+
+def _pairs(values: list[str] | None, option: str, *, from_env: bool = False) -> dict[str, str]:
+    """`K=V` words as a dict. With from_env, a bare `K` takes its value from this shell."""
+    result: dict[str, str] = {}
+    for word in values or []:
+        key, sep, val = word.partition("=")
+        if not sep and from_env and key in os.environ:
+            val, sep = os.environ[key], "="
+        if not key or not sep:
+            raise typer.BadParameter(f"expected KEY=VALUE, got {word!r}", param_hint=option)
+        result[key] = val
+    return result
+
+
+def _jsonish(word: str) -> Any:
+    """A python job argument: JSON when it parses (1, true, [1,2], {"a":1}), else the text."""
+    try:
+        return orjson.loads(word)
+    except orjson.JSONDecodeError:
+        return word
+
+
+def _work(command: list[str], shell: bool, python: bool) -> dict[str, Any]:
+    """The work part of a submission from the words after `--`."""
+    if shell and python:
+        raise typer.BadParameter("use --shell or --python, not both", param_hint="--shell")
+    if python:
+        function, *words = command
+        args: list[Any] = []
+        kwargs: dict[str, Any] = {}
+        for word in words:
+            name, sep, val = word.partition("=")
+            if sep and name.isidentifier():
+                kwargs[name] = _jsonish(val)
+            else:
+                args.append(_jsonish(word))
+        return {"kind": "python", "function": function, "args": args, "kwargs": kwargs}
+    if shell:
+        return {"kind": "shell", "command": " ".join(command)}
+    return {"kind": "shell", "command": list(command)}
+
+
+def _follow(client: Client, job_id: str, as_json: bool) -> int:
+    """Stream a job's output until it ends; returns the exit code for this process."""
+    final: Job | None = None
+    for item in client.follow(job_id):
+        if isinstance(item, Job):
+            final = item
+        elif as_json:
+            output.json_line(item)
+        else:
+            output.log_line(item)
+    if final is None:  # pragma: no cover - follow() always ends with the job
+        raise TidalError(f"the log stream of job {job_id} ended without the job")
+    if as_json:
+        output.json_line(final)
+    else:
+        output.job_finished(final)
+    return exit_code_for(final)
+
+
+@app.command(context_settings={"allow_interspersed_args": False})
+def submit(
+    command: Annotated[
+        list[str],
+        typer.Argument(
+            metavar="CMD", show_default=False,
+            help="The command, after `--`: an argv; with --shell, one /bin/sh -c string; with "
+            "--python, module:function then arguments (JSON where they parse; name=value for "
+            "keyword arguments).",
+        ),
+    ],
+    queue: Annotated[str | None, typer.Option("--queue", "-q", help="Queue [default]")] = None,
+    priority: Annotated[
+        PriorityChoice | None,
+        typer.Option("--priority", "-p", case_sensitive=False, help="Priority [normal]"),
+    ] = None,
+    timeout: Annotated[
+        float | None, typer.Option("--timeout", metavar="SECONDS", help="Kill it after this.")
+    ] = None,
+    retries: Annotated[
+        int | None, typer.Option("--retries", min=0, help="Further attempts after a failure.")
+    ] = None,
+    host: Annotated[
+        str | None, typer.Option("--host", help="Target host: one job per host at a time.")
+    ] = None,
+    env: Annotated[
+        list[str] | None,
+        typer.Option("--env", "-e", metavar="K=V", help="Environment variable (repeat; a bare "
+                     "K copies it from this shell)."),
+    ] = None,
+    cwd: Annotated[str | None, typer.Option("--cwd", metavar="DIR", help="Working dir.")] = None,
+    tag: Annotated[
+        list[str] | None, typer.Option("--tag", "-t", metavar="K=V", help="Tag (repeat).")
+    ] = None,
+    idempotency_key: Annotated[
+        str | None,
+        typer.Option("--idempotency-key", metavar="KEY", help="Submit at most once per key."),
+    ] = None,
+    shell: Annotated[bool, typer.Option("--shell", help="Run the words via /bin/sh -c.")] = False,
+    python: Annotated[
+        bool, typer.Option("--python", help="A python job: module:function [ARGS...].")
+    ] = False,
+    follow: FollowOpt = False,
+    as_json: JsonOpt = False,
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Submit a job; print its id, or with --follow stream its output and exit with its code.
+
+    Example: tidal submit --follow -- sh -c 'echo hello; echo oops >&2; exit 3'
+    """
+    options = {
+        "queue": queue, "priority": priority, "timeout": timeout, "retries": retries,
+        "host": host, "cwd": cwd, "idempotency_key": idempotency_key,
+        "env": _pairs(env, "--env", from_env=True) or None, "tags": _pairs(tag, "--tag") or None,
+    }
+    submission = _work(command, shell, python) | {k: v for k, v in options.items() if v is not None}
+    with get_client(url, token) as client:
+        job = client.submit(submission)
+        if follow:
+            try:
+                code = _follow(client, job.id, as_json)
+            except KeyboardInterrupt:
+                output.detached(job.id)
+                raise
+            raise typer.Exit(code)
+    if as_json:
+        output.json(job)
+    else:
+        output.value(job.id)
+
+
+# -- looking at jobs ----------------------------------------------------------------------
+
+
+@app.command()
+def status(job_id: JobIdArg, as_json: JsonOpt = False, url: UrlOpt = None,
+           token: TokenOpt = None) -> None:
+    """Show one job: state, why it waits, where it runs, how it ended."""
+    with get_client(url, token) as client:
+        job = client.get(job_id)
+    if as_json:
+        output.json(job)
+    else:
+        output.job_panel(job)
+
+
+@app.command("list")
+def list_jobs(
+    state: StateOpt = None,
+    queue: QueueFilterOpt = None,
+    host: HostFilterOpt = None,
+    owner: OwnerOpt = None,
+    limit: Annotated[int, typer.Option("--limit", "-n", min=1, max=500, help="Page size.")] = 50,
+    cursor: Annotated[str | None, typer.Option("--cursor", help="Page to start at.")] = None,
+    all_pages: Annotated[
+        bool, typer.Option("--all", help="Every page, not only the first.")
+    ] = False,
+    as_json: JsonOpt = False,
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """List jobs, newest first."""
+    with get_client(url, token) as client:
+        if all_pages:
+            jobs, next_cursor = [*client.iter_jobs(state, queue, host, owner)], None
+        else:
+            page = client.list(state, queue, host, owner, limit=limit, cursor=cursor)
+            jobs, next_cursor = page.jobs, page.next_cursor
+    if as_json:
+        output.json(JobPage(jobs=jobs, next_cursor=next_cursor))
+    else:
+        output.jobs_table(jobs, next_cursor)
+
+
+@app.command()
+def logs(job_id: JobIdArg, follow: FollowOpt = False, as_json: JsonOpt = False,
+         url: UrlOpt = None, token: TokenOpt = None) -> None:
+    """Print a job's output; with -f, follow it until the job ends.
+
+    stdout lines go to stdout, stderr lines to stderr. --json prints one JSON object per line.
+    """
+    with get_client(url, token) as client:
+        if follow:
+            _follow(client, job_id, as_json)
+            return
+        for line in client.iter_logs(job_id):
+            if as_json:
+                output.json_line(line)
+            else:
+                output.log_line(line)
+
+
+@app.command()
+def cancel(job_id: JobIdArg, as_json: JsonOpt = False, url: UrlOpt = None,
+           token: TokenOpt = None) -> None:
+    """Cancel a job (a running one is killed by its worker)."""
+    with get_client(url, token) as client:
+        job = client.cancel(job_id)
+    if as_json:
+        output.json(job)
+    else:
+        output.cancelled(job)
+
+
+@app.command()
+def wait(
+    job_id: JobIdArg,
+    timeout: Annotated[
+        float | None, typer.Option("--timeout", metavar="SECONDS", help="Give up after this.")
+    ] = None,
+    as_json: JsonOpt = False,
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Wait until a job ends; exit with its exit code (like submit --follow)."""
+    with get_client(url, token) as client:
+        job = client.wait(job_id, timeout=timeout)
+    if as_json:
+        output.json(job)
+    else:
+        output.job_panel(job)
+    raise typer.Exit(exit_code_for(job))
+
+
+@app.command()
+def workers(as_json: JsonOpt = False, url: UrlOpt = None, token: TokenOpt = None) -> None:
+    """List the live workers."""
+    with get_client(url, token) as client:
+        found = client.workers()
+    if as_json:
+        output.json(found)
+    else:
+        output.workers_table(found)
+
+
+@app.command()
+def health(as_json: JsonOpt = False, url: UrlOpt = None, token: TokenOpt = None) -> None:
+    """Check the API and what it depends on (exit 1 unless all is well)."""
+    with get_client(url, token) as client:
+        answer = client.health()
+    if as_json:
+        output.json(answer)
+    else:
+        output.health(answer)
+    if answer.status != "ok":
+        raise typer.Exit(EXIT_ERROR)
+
+
+@token_app.command("create")
+def token_create(
+    user: Annotated[str, typer.Option("--user", "-u", help="Who the token is for.")],
+    admin: Annotated[bool, typer.Option("--admin", help="May manage tokens and all jobs.")] = False,
+    as_json: JsonOpt = False,
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Create an API token (needs an admin token). It is printed once."""
+    with get_client(url, token) as client:
+        created = client.create_token(user, admin=admin)
+    if as_json:
+        output.json(created)
+    else:
+        output.token_created(created)
+
+
+# -- services ---------------------------------------------------------------------------
+
+
+def service_settings(redis_url: str | None, **updates: Any) -> Settings:
+    """Settings from TIDAL_* plus the flags given; the Redis URL is the flag, else
+    TIDAL_REDIS_URL, else the cli.json of `tidal up`, else the default."""
+    from common.settings import Settings
+
+    settings = Settings()
+    found = config.load(redis_url=redis_url).redis_url
+    if found:
+        updates["redis_url"] = found
+    return settings.model_copy(update={k: v for k, v in updates.items() if v is not None})
+
+
+@app.command(rich_help_panel="Services")
+def api(host: HostOpt = None, port: PortOpt = None, redis_url: RedisUrlOpt = None) -> None:
+    """Run the HTTP API (until SIGTERM / Ctrl-C)."""
+    from api.main import run
+
+    run(service_settings(redis_url, api_host=host, api_port=port))
+
+
+@app.command(rich_help_panel="Services")
+def scheduler(redis_url: RedisUrlOpt = None) -> None:
+    """Run a scheduler and the recorder (until SIGTERM / Ctrl-C)."""
+    from scheduler.main import run
+
+    run(service_settings(redis_url))
+
+
+@app.command(rich_help_panel="Services")
+def worker(
+    queue: Annotated[
+        list[str] | None, typer.Option("--queue", "-q", help="A queue to serve (repeat).")
+    ] = None,
+    concurrency: ConcurrencyOpt = None,
+    allow_module: AllowModuleOpt = None,
+    redis_url: RedisUrlOpt = None,
+) -> None:
+    """Run a worker (until SIGTERM / Ctrl-C)."""
+    from worker.main import run
+
+    run(service_settings(redis_url, queues=queue or None, concurrency=concurrency,
+                         allow_modules=allow_module or None))
+
+
+@app.command(rich_help_panel="Services")
+def up(
+    port: Annotated[int, typer.Option("--port", min=1, max=65535, help="API port.")] = 8000,
+    host: Annotated[str, typer.Option("--host", help="API address.")] = "127.0.0.1",
+    data_dir: DataDirOpt = None,
+    workers: Annotated[int, typer.Option("--workers", "-w", min=0, help="Worker processes.")] = 1,
+    concurrency: Annotated[int, typer.Option("--concurrency", "-c", min=1,
+                                             help="Jobs at once per worker.")] = 4,
+    allow_module: AllowModuleOpt = None,
+    redis_url: RedisUrlOpt = None,
+) -> None:
+    """Run a whole local cluster: Redis, the API, a scheduler and workers.
+
+    Redis is started unless --redis-url (or TIDAL_REDIS_URL) is given. Children that die are
+    restarted. Ctrl-C stops it all.
+    """
+    from cli.up import UpOptions, run_up
+    from common.settings import Settings
+
+    run_up(UpOptions(
+        host=host, port=port, data_dir=data_dir or Settings().data_dir, workers=workers,
+        concurrency=concurrency, allow_modules=allow_module or [],
+        redis_url=redis_url or os.environ.get("TIDAL_REDIS_URL") or None,
+    ))
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            output.value(f"tidal {version('tidal')}")
+        except PackageNotFoundError:
+            output.value("tidal (not installed)")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    """Tidal: run jobs on a cluster of workers, follow their output, keep the record."""
+

@@ -1,0 +1,433 @@
+"""The Python SDK: a typed, synchronous httpx client, one method per REST endpoint.
+
+    from common.client import Client
+
+    with Client.from_config() as tidal:            # finds the URL and token like the CLI
+        job = tidal.submit({"command": ["sh", "-c", "make test"], "priority": "high"})
+        for item in tidal.follow(job.id):          # LogLine per output line, then the Job
+            ...
+        final = tidal.wait(job.id, timeout=600)
+
+Every error the API answers (`{"error": {"code", "message", "details"}}`) becomes the
+matching `common.errors` exception in one function, `error_from_response`.
+"""
+
+from __future__ import annotations
+
+import builtins
+import json
+import math
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import closing
+from dataclasses import dataclass
+from typing import Any, Self
+from urllib.parse import quote
+
+import httpx
+import orjson
+from pydantic import TypeAdapter, ValidationError
+
+from common import config
+from common.errors import (
+    Conflict,
+    Forbidden,
+    InvalidSubmission,
+    JobNotFound,
+    LimitExceeded,
+    RedisUnavailable,
+    TidalError,
+    Unauthorized,
+)
+from common.models import (
+    Health,
+    Job,
+    JobPage,
+    JobSubmission,
+    LogLine,
+    LogPage,
+    State,
+    TokenCreated,
+    WorkerInfo,
+)
+
+__all__ = ["Client", "SSEEvent", "error_from_response", "iter_sse"]
+
+USER_AGENT = "tidal-sdk/0.1"
+
+_ERRORS: dict[int, type[TidalError]] = {
+    401: Unauthorized,
+    403: Forbidden,
+    404: JobNotFound,
+    409: Conflict,
+    413: InvalidSubmission,
+    415: InvalidSubmission,
+    422: InvalidSubmission,
+    429: LimitExceeded,
+    503: RedisUnavailable,
+}
+# Answers worth another try when nothing can have been applied twice (or the call is idempotent).
+_RETRY_STATUS = frozenset({502, 503, 504})
+
+_workers_adapter = TypeAdapter(list[WorkerInfo])
+
+
+def error_from_response(response: httpx.Response) -> TidalError:
+    """The one mapping of an error answer to a `common.errors` exception."""
+    status = response.status_code
+    message, details = f"HTTP {status} from {response.request.url}", None
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if isinstance(body, dict) and isinstance(body.get("error"), dict):
+        message = str(body["error"].get("message") or message)
+        details = body["error"].get("details")
+    elif response.text:
+        message = f"{message}: {response.text[:200]}"
+    return _ERRORS.get(status, TidalError)(message, details)
+
+
+# -- Server-Sent Events ----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SSEEvent:
+    event: str
+    data: str
+    id: str | None = None
+
+
+def iter_sse(lines: Iterable[str]) -> Iterator[SSEEvent]:
+    """Parse SSE lines (without line endings) into events. An event is dispatched only at
+    its closing blank line, so a frame cut off by a dropped connection is never yielded.
+    Comments (`: ping`) and unknown fields are skipped."""
+    event: str | None = None
+    data: list[str] = []
+    event_id: str | None = None
+    for line in lines:
+        if not line:
+            if data or event is not None:
+                yield SSEEvent(event or "message", "\n".join(data), event_id)
+            event, data, event_id = None, [], None
+            continue
+        if line.startswith(":"):
+            continue
+        name, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if name == "event":
+            event = value
+        elif name == "data":
+            data.append(value)
+        elif name == "id":
+            event_id = value
+
+
+def _entry_key(entry_id: str) -> tuple[int, int] | None:
+    """A stream entry id `<ms>-<seq>` as a comparable tuple (None if it is not one)."""
+    ms, _, seq = entry_id.partition("-")
+    try:
+        return int(ms), int(seq or 0)
+    except ValueError:
+        return None
+
+
+def _is_after(entry_id: str, last: str | None) -> bool:
+    if last is None:
+        return True
+    a, b = _entry_key(entry_id), _entry_key(last)
+    return a > b if a is not None and b is not None else entry_id != last
+
+
+def _finite(value: Any) -> bool:
+    """False if a float anywhere inside is NaN or ±Infinity."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, dict):
+        return all(_finite(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return all(_finite(v) for v in value)
+    return True
+
+
+def _job_path(job_id: str, suffix: str = "") -> str:
+    """/jobs/<id><suffix>, with the id quoted so it can only ever be one path segment."""
+    return f"/jobs/{quote(job_id, safe='')}{suffix}"
+
+
+class _StreamEnded(Exception):
+    """The SSE stream closed before its `end` event."""
+
+
+# -- the client --------------------------------------------------------------------------
+
+
+class Client:
+    """A typed client of the Tidal REST API. Use as a context manager, or call close()."""
+
+    follow_attempts = 8  # reconnects in a row without progress before follow() gives up
+    submit_attempts = 3  # tries of a submission that carries an idempotency_key
+
+    def __init__(
+        self,
+        url: str = config.DEFAULT_URL,
+        token: str | None = None,
+        timeout: float = 30.0,
+        *,
+        transport: httpx.BaseTransport | None = None,
+        retry_delay: float = 0.25,
+    ) -> None:
+        self.url = url.rstrip("/")
+        self.token = token
+        self.timeout = timeout
+        self.retry_delay = retry_delay
+        headers = {"User-Agent": USER_AGENT, "Accept": "application/json"}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        self._http = httpx.Client(
+            base_url=self.url, headers=headers, timeout=timeout, transport=transport
+        )
+        self._sleep = time.sleep
+
+    @classmethod
+    def from_config(
+        cls, url: str | None = None, token: str | None = None, timeout: float = 30.0
+    ) -> Client:
+        """A client configured like the CLI: flags → TIDAL_URL/TIDAL_TOKEN → cli.json."""
+        found = config.load(url=url, token=token)
+        return cls(found.url, found.token, timeout)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- plumbing ----------------------------------------------------------------------
+
+    def _unreachable(self, exc: httpx.TransportError) -> TidalError:
+        if isinstance(exc, httpx.ConnectError):
+            return TidalError(f"cannot reach the Tidal API at {self.url}: is `tidal up` running?")
+        if isinstance(exc, httpx.TimeoutException):
+            return TidalError(f"the Tidal API at {self.url} did not answer in time ({exc!r})")
+        return TidalError(f"lost the connection to the Tidal API at {self.url}: {exc!r}")
+
+    def _check(self, response: httpx.Response) -> httpx.Response:
+        if response.is_success:
+            return response
+        response.read()
+        error = error_from_response(response)
+        if isinstance(error, Unauthorized) and not self.token:
+            error.message += " (no token: set TIDAL_TOKEN, pass --token, or run `tidal up`)"
+            error.args = (error.message,)
+        raise error
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            raise self._unreachable(exc) from exc
+        return self._check(response).json()
+
+    # -- jobs --------------------------------------------------------------------------
+
+    @staticmethod
+    def _body(sub: JobSubmission | Mapping[str, Any]) -> dict[str, Any]:
+        """Validate a submission here (same model as the server) and dump only what was set."""
+        try:
+            model = sub if isinstance(sub, JobSubmission) else JobSubmission.model_validate(sub)
+        except ValidationError as exc:
+            details = [
+                {"loc": ".".join(str(p) for p in e["loc"]), "msg": e["msg"], "type": e["type"]}
+                for e in exc.errors(include_url=False)
+            ]
+            raise InvalidSubmission("invalid job submission", details) from exc
+        if not _finite([model.args, model.kwargs]):  # pydantic would send them as null
+            raise InvalidSubmission("args: NaN and Infinity are not valid JSON")
+        return model.model_dump(mode="json", exclude_unset=True)
+
+    def _post_jobs(self, payload: Any, retry: bool) -> Any:
+        """POST /jobs. Retried on transport errors and 502/503/504 only when every job carries
+        an idempotency_key: otherwise a lost answer could mean a job submitted twice."""
+        try:
+            content = json.dumps(payload, allow_nan=False).encode()
+        except ValueError as exc:
+            raise InvalidSubmission(f"not valid JSON: {exc}") from exc
+        headers = {"Content-Type": "application/json"}
+        attempts = self.submit_attempts if retry else 1
+        for attempt in range(1, attempts + 1):
+            try:
+                response = self._http.post("/jobs", content=content, headers=headers)
+            except httpx.TransportError as exc:
+                if attempt == attempts:
+                    error = self._unreachable(exc)
+                    if not isinstance(exc, httpx.ConnectError):
+                        error.message += " (the submission may or may not have been accepted)"
+                        error.args = (error.message,)
+                    raise error from exc
+            else:
+                if response.status_code not in _RETRY_STATUS or attempt == attempts:
+                    return self._check(response).json()
+            self._sleep(self.retry_delay * 2 ** (attempt - 1))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def submit(self, sub: JobSubmission | Mapping[str, Any]) -> Job:
+        """Submit one job; returns the job document (state `pending`)."""
+        body = self._body(sub)
+        return Job.model_validate(self._post_jobs(body, retry=bool(body.get("idempotency_key"))))
+
+    def submit_many(self, subs: Iterable[JobSubmission | Mapping[str, Any]]) -> builtins.list[Job]:
+        """Submit a batch in one request; returns the jobs in the same order."""
+        bodies = [self._body(s) for s in subs]
+        retry = bool(bodies) and all(b.get("idempotency_key") for b in bodies)
+        answer = self._post_jobs(bodies, retry=retry)
+        return [Job.model_validate(j) for j in answer["jobs"]]
+
+    def get(self, job_id: str) -> Job:
+        return Job.model_validate(self._request("GET", _job_path(job_id)))
+
+    def list(
+        self,
+        state: State | str | None = None,
+        queue: str | None = None,
+        host: str | None = None,
+        owner: str | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> JobPage:
+        """One page of jobs, newest first; pass `next_cursor` back for the next page."""
+        params = {"state": state, "queue": queue, "host": host, "owner": owner, "cursor": cursor}
+        query = {k: str(v) for k, v in params.items() if v is not None}
+        query["limit"] = str(limit)
+        return JobPage.model_validate(self._request("GET", "/jobs", params=query))
+
+    def iter_jobs(
+        self,
+        state: State | str | None = None,
+        queue: str | None = None,
+        host: str | None = None,
+        owner: str | None = None,
+        page_size: int = 200,
+    ) -> Iterator[Job]:
+        """Every matching job, following the cursors page by page."""
+        cursor: str | None = None
+        while True:
+            page = self.list(state, queue, host, owner, limit=page_size, cursor=cursor)
+            yield from page.jobs
+            # a page may be short, even empty, and still have more after it
+            if not page.next_cursor or page.next_cursor == cursor:
+                return
+            cursor = page.next_cursor
+
+    def cancel(self, job_id: str) -> Job:
+        """Cancel a job: `cancelled` at once, or still `running` while its worker kills it."""
+        return Job.model_validate(self._request("DELETE", _job_path(job_id)))
+
+    def wait(self, job_id: str, timeout: float | None = None) -> Job:
+        """Poll until the job is terminal (backoff 0.1 s doubling to 2 s). Raises
+        TimeoutError if it is not done after `timeout` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = 0.1
+        while True:
+            job = self.get(job_id)
+            if job.state.terminal:
+                return job
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"job {job_id} is still {job.state} after {timeout}s")
+                delay = min(delay, left)
+            self._sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+    # -- logs --------------------------------------------------------------------------
+
+    def logs(self, job_id: str, cursor: str | None = None, limit: int = 1000) -> LogPage:
+        """One page of a job's stored output."""
+        params = {"limit": str(limit), **({"cursor": cursor} if cursor else {})}
+        answer = self._request("GET", _job_path(job_id, "/logs"), params=params)
+        return LogPage.model_validate(answer)
+
+    def iter_logs(self, job_id: str, page_size: int = 1000) -> Iterator[LogLine]:
+        """Every stored line of a job's output, paging through the cursors."""
+        cursor: str | None = None
+        while True:
+            page = self.logs(job_id, cursor=cursor, limit=page_size)
+            yield from page.lines
+            if not page.next_cursor or page.next_cursor == cursor:
+                return
+            cursor = page.next_cursor
+
+    def follow(self, job_id: str, after: str | None = None) -> Iterator[LogLine | Job]:
+        """Stream a job's output live: a LogLine per line, then the final Job, then stop.
+
+        Starts after entry id `after` (None: from the first line). A dropped connection is
+        resumed with `Last-Event-ID`, after a short backoff; lines already yielded are never
+        yielded again. Gives up after `follow_attempts` reconnects in a row without progress.
+        """
+        last, failures = after, 0
+        while True:
+            try:
+                with closing(self._follow_once(job_id, last)) as items:
+                    for item in items:
+                        if isinstance(item, Job):
+                            yield item
+                            return
+                        if _is_after(item.id, last):
+                            last, failures = item.id, 0
+                            yield item
+                raise _StreamEnded("the log stream ended before the job did")
+            except (httpx.TransportError, _StreamEnded, RedisUnavailable) as exc:
+                failures += 1
+                if failures > self.follow_attempts:
+                    raise self._follow_lost(job_id, exc) from exc
+            self._sleep(min(self.retry_delay * 2 ** (failures - 1), 2.0))
+
+    def _follow_lost(self, job_id: str, exc: Exception) -> TidalError:
+        if isinstance(exc, httpx.TransportError):
+            reason = self._unreachable(exc).message
+        else:
+            reason = str(exc)
+        return TidalError(f"lost the log stream of job {job_id}: {reason}")
+
+    def _follow_once(self, job_id: str, last: str | None) -> Iterator[LogLine | Job]:
+        """One SSE connection: yields lines, and the Job when the `end` event arrives."""
+        headers = {"Accept": "text/event-stream", "Cache-Control": "no-cache"}
+        if last:
+            headers["Last-Event-ID"] = last
+        timeout = httpx.Timeout(self.timeout, read=max(self.timeout, 60.0))
+        with self._http.stream(
+            "GET", _job_path(job_id, "/logs"), params={"follow": "true"},
+            headers=headers, timeout=timeout,
+        ) as response:
+            if response.status_code in _RETRY_STATUS:
+                response.read()
+                raise RedisUnavailable(error_from_response(response).message)
+            self._check(response)
+            for event in iter_sse(response.iter_lines()):
+                if event.event == "end":
+                    # `null` when the job's hash is gone from Redis: ask for it (SQL history)
+                    end = orjson.loads(event.data)
+                    yield self.get(job_id) if end is None else Job.model_validate(end)
+                    return
+                if event.event == "error":  # the server lost Redis mid-stream: reconnect
+                    raise RedisUnavailable(str(orjson.loads(event.data).get("message")))
+                if event.event == "line":
+                    data = orjson.loads(event.data)
+                    yield LogLine.model_validate({**data, "id": event.id or data.get("id", "")})
+
+    # -- cluster -----------------------------------------------------------------------
+
+    def workers(self) -> builtins.list[WorkerInfo]:
+        return _workers_adapter.validate_python(self._request("GET", "/workers"))
+
+    def health(self) -> Health:
+        return Health.model_validate(self._request("GET", "/healthz"))
+
+    def create_token(self, user: str, admin: bool = False) -> TokenCreated:
+        """Create an API token for `user` (needs an admin token). Shown once: store it."""
+        body = {"user": user, "admin": admin}
+        return TokenCreated.model_validate(self._request("POST", "/tokens", json=body))

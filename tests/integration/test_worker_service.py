@@ -1,0 +1,448 @@
+"""The worker against a real server and real processes: jobs are driven into the dispatch
+stream with the Lua scripts (submit → admit → dispatch), a `Worker` runs in a thread."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import orjson
+import psutil
+import pytest
+import redis
+
+from common import scripts as sc
+from common.jobs import job_from_hash, new_job_id, submission_fields
+from common.keys import GROUP_SCHEDULERS, GROUP_WORKERS, Keys
+from common.models import JobSubmission
+from common.settings import Settings
+from common.streams import ensure_group
+from tests.support import wait_for
+from worker.python import JobContext
+from worker.service import Worker
+
+MAXLEN = 10_000
+TERMINAL = {"completed", "failed", "cancelled", "retrying"}
+
+
+def enqueue(r: redis.Redis, keys: Keys, **spec: Any) -> str:
+    """submit → admit → dispatch one job, as the API and the scheduler would."""
+    s = sc.Scripts(r)
+    job_id = new_job_id()
+    sub = JobSubmission.model_validate(spec)
+    s.run(sc.submit(keys, job_id, "alice", submission_fields(sub), events_maxlen=MAXLEN))
+    ensure_group(r, keys.submissions(), GROUP_SCHEDULERS)
+    entries = []
+    for _stream, items in r.xreadgroup(GROUP_SCHEDULERS, "s1", {keys.submissions(): ">"}):
+        for entry_id, fields in items:
+            entries.append((entry_id, fields["id"], r.hget(keys.job(fields["id"]), "queue")))
+    s.run(sc.admit(keys, entries, events_maxlen=MAXLEN, priority_step_ms=300_000, by="s1"))
+    sent = s.run(sc.dispatch(keys, sub.queue, [job_id], capacity=1000, events_maxlen=MAXLEN,
+                             by="s1"))
+    assert sent == 1
+    return job_id
+
+
+@contextmanager
+def serving(
+    settings: Settings, prepare: Callable[[Worker], None] | None = None
+) -> Iterator[Worker]:
+    worker = Worker(settings, block_ms=100)
+    if prepare is not None:
+        prepare(worker)
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            worker.run()
+        except BaseException as exc:  # surfaced in the test below
+            errors.append(exc)
+
+    thread = threading.Thread(target=target, name="test-worker")
+    thread.start()
+    try:
+        yield worker
+    finally:
+        worker.stop(force=True)
+        thread.join(timeout=15)
+    assert not thread.is_alive(), "the worker did not stop"
+    assert not errors, errors
+
+
+def state(r: redis.Redis, keys: Keys, job_id: str) -> str | None:
+    return r.hget(keys.job(job_id), "state")
+
+
+def wait_done(r: redis.Redis, keys: Keys, job_id: str, timeout: float = 10.0) -> dict[str, str]:
+    wait_for(lambda: state(r, keys, job_id) in TERMINAL, timeout=timeout, what=f"{job_id} ends")
+    return r.hgetall(keys.job(job_id))
+
+
+def log_lines(r: redis.Redis, keys: Keys, job_id: str, stream: str | None = None) -> list[str]:
+    return [f["l"] for _, f in r.xrange(keys.log(job_id)) if stream is None or f["s"] == stream]
+
+
+def processes(marker: str) -> list[psutil.Process]:
+    """Live descendants of the test process whose argv is exactly `marker`."""
+    found = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if " ".join(proc.cmdline()) == marker and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc)
+        except psutil.Error:
+            continue
+    return found
+
+
+def gone(procs: list[psutil.Process]) -> bool:
+    for proc in procs:
+        try:
+            if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                return False
+        except psutil.Error:
+            continue
+    return True
+
+
+# -- shell jobs -------------------------------------------------------------------------
+
+
+def test_shell_job_completes_with_its_output(
+    settings: Settings, keys: Keys, r: redis.Redis
+) -> None:
+    with serving(settings) as worker:
+        job = enqueue(r, keys, command="echo one; echo two; echo oops >&2")
+        h = wait_done(r, keys, job)
+    assert (h["state"], h["exit_code"], h["worker"]) == ("completed", "0", worker.id)
+    assert log_lines(r, keys, job, "o") == ["one", "two"]
+    assert log_lines(r, keys, job, "e") == ["oops"]
+    entry = r.xrange(keys.log(job))[0][1]
+    assert set(entry) == {"s", "t", "l"} and int(entry["t"]) > 0
+    assert r.xlen(keys.dispatch("default")) == 0
+    assert r.xpending(keys.dispatch("default"), GROUP_WORKERS)["pending"] == 0
+    events = [(f["state"], f["by"]) for _, f in r.xrange(keys.events()) if f["job"] == job]
+    assert events[-2:] == [("running", worker.id), ("completed", worker.id)]
+    assert r.ttl(keys.job(job)) > 0 and r.ttl(keys.log(job)) > 0
+
+
+def test_exit_code_and_exec_error_then_more_work(
+    settings: Settings, keys: Keys, r: redis.Redis
+) -> None:
+    with serving(settings):
+        three = enqueue(r, keys, command="exit 3")
+        missing = enqueue(r, keys, command=["/nonexistent/tidal-command", "x"])
+        h3, hm = wait_done(r, keys, three), wait_done(r, keys, missing)
+        after = enqueue(r, keys, command=["echo", "still serving"])
+        ha = wait_done(r, keys, after)
+    assert (h3["state"], h3["exit_code"], h3["reason"]) == ("failed", "3", "exit_code")
+    doc = job_from_hash(hm)
+    assert (doc.state, doc.exit_code, doc.reason) == ("failed", None, "exec_error")
+    assert "No such file" in (doc.error or "")
+    assert log_lines(r, keys, missing, "x") == [doc.error]
+    assert ha["state"] == "completed"
+    assert log_lines(r, keys, after) == ["still serving"]
+
+
+def test_timeout_kills_grandchildren(settings: Settings, keys: Keys, r: redis.Redis) -> None:
+    marker = "sleep 93"
+    with serving(settings.model_copy(update={"kill_grace_s": 0.5})):
+        job = enqueue(r, keys, command=f"{marker} & {marker}; wait", timeout=1)
+        procs = wait_for(lambda: len(processes(marker)) == 2 and processes(marker),
+                         what="both sleeps")
+        h = wait_done(r, keys, job)
+        doc = job_from_hash(h)
+        assert (doc.state, doc.exit_code, doc.reason) == ("failed", None, "timeout")
+        assert doc.error == "timed out after 1s"
+        assert gone(procs)
+        assert processes(marker) == []
+
+
+def test_cancel_through_pubsub(settings: Settings, keys: Keys, r: redis.Redis) -> None:
+    # heartbeats 30 s apart: only the control channel can deliver this cancel in time
+    quiet = settings.model_copy(update={"heartbeat_s": 30.0, "worker_ttl_s": 90.0})
+    with serving(quiet):
+        job = enqueue(r, keys, command=["sleep", "92"])
+        wait_for(lambda: state(r, keys, job) == "running" and processes("sleep 92"))
+        procs = processes("sleep 92")
+        out = sc.Scripts(r).run(sc.cancel(keys, job, "default", by="alice", events_maxlen=MAXLEN,
+                                          ttl_s=60))
+        assert out == "cancelling"
+        h = wait_done(r, keys, job, timeout=5)
+        assert (h["state"], h["reason"]) == ("cancelled", "cancelled")
+        assert gone(procs)
+
+
+def test_cancel_flag_seen_by_the_heartbeat(
+    settings: Settings, keys: Keys, r: redis.Redis
+) -> None:
+    with serving(settings):
+        job = enqueue(r, keys, command=["sleep", "91"])
+        wait_for(lambda: state(r, keys, job) == "running" and processes("sleep 91"))
+        r.hset(keys.job(job), "cancel", "1")  # no PUBLISH: a lost pub/sub message
+        h = wait_done(r, keys, job, timeout=5)
+    assert (h["state"], h["reason"]) == ("cancelled", "cancelled")
+    assert processes("sleep 91") == []
+
+
+def test_binary_output_and_a_huge_line(settings: Settings, keys: Keys, r: redis.Redis) -> None:
+    with serving(settings):
+        binary = enqueue(r, keys, command="head -c 10000 /dev/urandom")
+        huge = enqueue(r, keys, command="head -c 204800 /dev/zero | tr '\\0' a; echo; echo end")
+        hb, hh = wait_done(r, keys, binary), wait_done(r, keys, huge)
+    assert hb["state"] == "completed"
+    assert "\ufffd" in "".join(log_lines(r, keys, binary, "o"))
+    assert hh["state"] == "completed"
+    entries = [f for _, f in r.xrange(keys.log(huge))]
+    chunk = settings.log_line_max_bytes
+    assert [len(f["l"]) for f in entries] == [chunk, chunk, chunk, 204800 - 3 * chunk, 3]
+    assert [f.get("c") for f in entries] == ["1", "1", "1", None, None]
+    assert "".join(f["l"] for f in entries[:4]) == "a" * 204800
+
+
+# -- python jobs ------------------------------------------------------------------------
+
+
+def test_python_jobs(settings: Settings, keys: Keys, r: redis.Redis) -> None:
+    with serving(settings):
+        echo = enqueue(r, keys, kind="python", function="common.tasks:echo",
+                       args=[1, "two", {"x": None}])
+        fail = enqueue(r, keys, kind="python", function="common.tasks:fail", args=["boom"])
+        denied = enqueue(r, keys, kind="python", function="os:getcwd")
+        he, hf, hd = (wait_done(r, keys, j) for j in (echo, fail, denied))
+    assert he["state"] == "completed"
+    assert orjson.loads(he["result"]) == [1, "two", {"x": None}]
+    assert job_from_hash(he).result == [1, "two", {"x": None}]
+    assert (hf["state"], hf["reason"], hf["error"]) == ("failed", "exception", "RuntimeError: boom")
+    err = log_lines(r, keys, fail, "e")
+    assert err[0] == "Traceback (most recent call last):" and err[-1] == "RuntimeError: boom"
+    assert (hd["state"], hd["reason"]) == ("failed", "not_allowed")
+
+
+def test_allow_module_admits_submodules(settings: Settings, keys: Keys, r: redis.Redis) -> None:
+    with serving(settings.model_copy(update={"allow_modules": ["json"]})):
+        job = enqueue(r, keys, kind="python", function="json.decoder:scanstring",
+                      args=['ab"', 0])
+        h = wait_done(r, keys, job)
+    assert h["state"] == "completed" and orjson.loads(h["result"]) == ["ab", 3]
+
+
+def until_cancelled(ctx: JobContext) -> str:
+    """A cooperative python job: works until told to stop."""
+    ctx.log("waiting")
+    while not ctx.wait(5.0):
+        pass
+    return "stopped"
+
+
+def test_python_job_cancel_is_cooperative(
+    settings: Settings, keys: Keys, r: redis.Redis
+) -> None:
+    allowed = settings.model_copy(update={"allow_modules": [__name__]})
+    with serving(allowed):
+        job = enqueue(r, keys, kind="python", function=f"{__name__}:until_cancelled")
+        wait_for(lambda: log_lines(r, keys, job) == ["waiting"], what="the job to log")
+        out = sc.Scripts(r).run(sc.cancel(keys, job, "default", by="alice", events_maxlen=MAXLEN,
+                                          ttl_s=60))
+        assert out == "cancelling"
+        h = wait_done(r, keys, job, timeout=5)
+    assert (h["state"], h["reason"]) == ("cancelled", "cancelled")
+
+
+# -- retries, slots, heartbeat, fencing, shutdown ---------------------------------------
+
+
+def test_failure_with_retries_goes_to_the_delayed_set(
+    settings: Settings, keys: Keys, r: redis.Redis
+) -> None:
+    with serving(settings):
+        job = enqueue(r, keys, command="exit 1", retries=1, retry_delay=5)
+        h = wait_done(r, keys, job)
+    assert (h["state"], h["reason"], h["exit_code"]) == ("retrying", "exit_code", "1")
+    due = r.zscore(keys.delayed(), job)
+    assert due is not None and due == float(h["retry_at"])
+    started = int(h["started_at"])
+    assert started + 4_000 <= due <= started + 7_000  # 5 s ± 10 % jitter (+ run time)
+
+
+def test_never_more_running_than_slots(settings: Settings, keys: Keys, r: redis.Redis) -> None:
+    jobs = [enqueue(r, keys, command=["sleep", "0.3"]) for _ in range(5)]
+    seen: list[int] = []
+
+    def sample() -> bool:
+        pipe = r.pipeline(transaction=False)
+        for job in jobs:
+            pipe.hget(keys.job(job), "state")
+        states = pipe.execute()
+        seen.append(max(states.count("running"), len(worker.running_ids())))
+        return all(s == "completed" for s in states)
+
+    with serving(settings.model_copy(update={"concurrency": 2})) as worker:
+        wait_for(sample, timeout=15, interval=0.01, what="all five jobs")
+    assert max(seen) == 2
+
+
+def test_heartbeat_registers_the_worker(settings: Settings, keys: Keys, r: redis.Redis) -> None:
+    with serving(settings.model_copy(update={"queues": ["default", "gpu"]})) as worker:
+        h = wait_for(lambda: r.hgetall(keys.worker(worker.id)), what="the worker hash")
+        ttl = r.pttl(keys.worker(worker.id))
+        assert 0 < ttl <= 3000
+        assert r.zscore(keys.workers(), worker.id) is not None
+        job = enqueue(r, keys, queue="gpu", command=["sleep", "90"])
+        wait_for(lambda: r.hget(keys.worker(worker.id), "running") == job, what="running")
+        assert r.hget(keys.job(job), "worker") == worker.id
+    assert h["queues"] == "default,gpu" and h["slots"] == str(settings.concurrency)
+    assert h["pid"].isdigit() and int(h["started_at"]) > 0 and h["version"] == "0.1.0"
+    assert h["hostname"] and h["running"] == ""
+    assert processes("sleep 90") == []
+
+
+def test_stale_attempt_is_dropped_and_the_worker_goes_on(
+    settings: Settings, keys: Keys, r: redis.Redis
+) -> None:
+    with serving(settings) as worker:
+        job = enqueue(r, keys, command=["sleep", "0.5"])
+        wait_for(lambda: state(r, keys, job) == "running")
+        r.hset(keys.job(job), "dispatch_id", "1-1")  # as if re-dispatched to someone else
+        wait_for(lambda: not worker.running_ids(), what="the attempt to end")
+        assert r.xpending(keys.dispatch("default"), GROUP_WORKERS)["pending"] == 1
+        assert state(r, keys, job) == "running"  # the stale finish changed nothing
+        other = enqueue(r, keys, command=["true"])
+        assert wait_done(r, keys, other)["state"] == "completed"
+
+
+@pytest.mark.parametrize("applied", [True, False])
+def test_start_reply_lost_is_settled(
+    settings: Settings, keys: Keys, r: redis.Redis, applied: bool
+) -> None:
+    """A start call fails once: after the script ran (reply lost) or before it did."""
+    failed: list[str] = []
+
+    def prepare(worker: Worker) -> None:
+        real = worker.scripts.run
+
+        def flaky(call: sc.Call, pipe: Any = None) -> Any:
+            if call.script == "start" and not failed:
+                failed.append(call.script)
+                if applied:
+                    real(call, pipe)
+                raise redis.TimeoutError("reply lost")
+            return real(call, pipe)
+
+        worker.scripts.run = flaky  # type: ignore[method-assign]
+
+    with serving(settings, prepare):
+        job = enqueue(r, keys, command=["echo", "once"])
+        h = wait_done(r, keys, job)
+    assert failed
+    assert (h["state"], h["attempt"]) == ("completed", "1")
+    assert log_lines(r, keys, job) == ["once"]
+    assert r.xpending(keys.dispatch("default"), GROUP_WORKERS)["pending"] == 0
+
+
+@pytest.mark.parametrize("applied", [True, False])
+def test_finish_is_retried(settings: Settings, keys: Keys, r: redis.Redis, applied: bool) -> None:
+    failed: list[str] = []
+
+    def prepare(worker: Worker) -> None:
+        real = worker.scripts.run
+
+        def flaky(call: sc.Call, pipe: Any = None) -> Any:
+            if call.script in ("finish", "heartbeat") and call.script not in failed:
+                failed.append(call.script)  # the first of each: at start-up, at the end
+                if applied:
+                    real(call, pipe)
+                raise redis.ConnectionError("connection reset")
+            return real(call, pipe)
+
+        worker.scripts.run = flaky  # type: ignore[method-assign]
+
+    one = settings.model_copy(update={"concurrency": 1})
+    with serving(one, prepare):
+        first = enqueue(r, keys, command="exit 2", retries=0)
+        second = enqueue(r, keys, command=["true"])
+        h1, h2 = wait_done(r, keys, first), wait_done(r, keys, second)
+    assert sorted(failed) == ["finish", "heartbeat"]
+    assert (h1["state"], h1["exit_code"]) == ("failed", "2")
+    assert h2["state"] == "completed"
+    finished = [f["state"] for _, f in r.xrange(keys.events()) if f["job"] == first]
+    assert finished.count("failed") == 1
+
+
+def test_malformed_dispatch_entry_is_dropped(
+    settings: Settings, keys: Keys, r: redis.Redis
+) -> None:
+    ensure_group(r, keys.dispatch("default"), GROUP_WORKERS)
+    r.xadd(keys.dispatch("default"), {"junk": "1"})
+    with serving(settings):
+        wait_for(lambda: r.xlen(keys.dispatch("default")) == 0, what="the entry dropped")
+        job = enqueue(r, keys, command=["true"])
+        assert wait_done(r, keys, job)["state"] == "completed"
+    assert r.xpending(keys.dispatch("default"), GROUP_WORKERS)["pending"] == 0
+
+
+@pytest.mark.timeout(30)
+def test_graceful_stop(settings: Settings, keys: Keys, r: redis.Redis) -> None:
+    graced = settings.model_copy(update={"kill_grace_s": 0.5, "shutdown_grace_s": 1.0})
+    worker = Worker(graced, block_ms=100)
+    thread = threading.Thread(target=worker.run)
+    thread.start()
+    try:
+        short = enqueue(r, keys, command="sleep 0.3; echo done")
+        long = enqueue(r, keys, command=["sleep", "89"], retries=1)
+        py = enqueue(r, keys, kind="python", function="common.tasks:sleep", args=[1.5])
+        wait_for(lambda: all(state(r, keys, j) == "running" for j in (short, long, py)))
+        procs = processes("sleep 89")
+        worker.stop()
+        thread.join(timeout=10)
+        assert not thread.is_alive()
+    finally:
+        worker.stop(force=True)
+        thread.join(timeout=10)
+    hs, hl, hp = (r.hgetall(keys.job(j)) for j in (short, long, py))
+    assert hs["state"] == "completed" and log_lines(r, keys, short) == ["done"]
+    assert (hl["state"], hl["reason"]) == ("retrying", "worker_shutdown")
+    assert r.zscore(keys.delayed(), long) is not None
+    assert (hp["state"], hp["reason"]) == ("failed", "worker_shutdown")
+    assert worker.abandoned == 1
+    assert gone(procs)
+    assert r.xpending(keys.dispatch("default"), GROUP_WORKERS)["pending"] == 0
+
+
+@pytest.mark.timeout(60)
+def test_worker_process_exits_0_on_sigterm(
+    settings: Settings, keys: Keys, r: redis.Redis, tmp_path: Any
+) -> None:
+    """`worker.main.run` in its own process: SIGTERM lets the running job finish."""
+    env = {
+        **os.environ,
+        "TIDAL_REDIS_URL": settings.redis_url,
+        "TIDAL_PREFIX": settings.prefix,
+        "TIDAL_HEARTBEAT_S": "0.5",
+        "TIDAL_LOG_FORMAT": "json",
+        "TIDAL_SHUTDOWN_GRACE_S": "10",
+    }
+    code = "from common.settings import Settings; from worker.main import run; run(Settings())"
+    log_file = (tmp_path / "worker.log").open("wb")
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=log_file,
+                            stderr=subprocess.STDOUT)
+    try:
+        job = enqueue(r, keys, command="sleep 0.5; echo finished")
+        wait_for(lambda: state(r, keys, job) == "running", timeout=20)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log_file.close()
+    assert state(r, keys, job) == "completed"
+    assert log_lines(r, keys, job) == ["finished"]
+    lines = [orjson.loads(line) for line in (tmp_path / "worker.log").read_bytes().splitlines()]
+    assert {"worker starting", "job finished", "worker stopped"} <= {x["event"] for x in lines}
+    assert all(x.get("service") == "worker" and x.get("worker_id") for x in lines)

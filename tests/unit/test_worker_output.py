@@ -1,0 +1,183 @@
+"""Line splitting, decoding and log batching, without Redis."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from common.keys import Keys
+from worker.output import BATCH_LINES, LineSplitter, LogWriter, decode, text_chunks
+from worker.python import is_allowed
+
+
+def split(chunks: list[bytes], max_bytes: int = 64) -> list[tuple[str, bool]]:
+    s = LineSplitter(max_bytes)
+    out: list[tuple[str, bool]] = []
+    for data in chunks:
+        out += s.feed(data)
+    return out + s.close()
+
+
+@pytest.mark.parametrize(
+    ("chunks", "expected"),
+    [
+        ([b"a\nb\n"], [("a", False), ("b", False)]),
+        ([b"a", b"b\nc"], [("ab", False), ("c", False)]),  # lines across reads; last unfinished
+        ([b"x\r\n", b"y\r\r\n"], [("x", False), ("y\r", False)]),  # one trailing \r stripped
+        ([b"\n\n"], [("", False), ("", False)]),  # empty lines kept
+        ([b""], []),
+        ([b"no newline"], [("no newline", False)]),
+        ([b"a\r"], [("a", False)]),
+    ],
+)
+def test_splits_on_newlines(chunks: list[bytes], expected: list[tuple[str, bool]]) -> None:
+    assert split(chunks) == expected
+
+
+def test_long_line_is_cut_and_marked_continued() -> None:
+    out = split([b"a" * 10 + b"\n"], max_bytes=4)
+    assert out == [("aaaa", True), ("aaaa", True), ("aa", False)]
+
+
+def test_long_line_without_newline_is_cut_while_it_streams() -> None:
+    s = LineSplitter(4)
+    assert s.feed(b"abcdefghij") == [("abcd", True), ("efgh", True)]
+    assert s.feed(b"k\n") == [("ijk", False)]
+    assert s.close() == []
+
+
+def test_exact_multiple_ends_with_a_final_chunk() -> None:
+    assert split([b"abcdefgh\n"], max_bytes=4) == [("abcd", True), ("efgh", False)]
+
+
+def test_cut_never_splits_a_utf8_character() -> None:
+    text = "é" * 10  # 2 bytes each
+    out = split([text.encode()], max_bytes=5)
+    assert all("\ufffd" not in t for t, _ in out)
+    assert "".join(t for t, _ in out) == text
+    assert all(len(t.encode()) <= 5 for t, _ in out)
+    euro = "€€€"  # 3 bytes each
+    out = split([euro.encode() + b"\n"], max_bytes=4)
+    assert [t for t, _ in out] == ["€", "€", "€"]
+
+
+def test_binary_is_decoded_with_replacement() -> None:
+    assert decode(b"ok \xff\xfe end") == "ok \ufffd\ufffd end"
+    out = split([bytes(range(256)) * 4], max_bytes=100)
+    assert out and all(isinstance(t, str) for t, _ in out)
+    assert any("\ufffd" in t for t, _ in out)
+
+
+def test_partial_line_memory_is_bounded() -> None:
+    s = LineSplitter(1024)
+    for _ in range(100):
+        s.feed(b"z" * 10_000)
+        assert len(s._partial) <= 1024
+
+
+def test_text_chunks() -> None:
+    assert text_chunks("hello", 100) == [("hello", False)]
+    assert text_chunks("abcdef", 4) == [("abcd", True), ("ef", False)]
+
+
+@pytest.mark.parametrize(
+    ("module", "allowed", "ok"),
+    [
+        ("common.tasks", ["common.tasks"], True),
+        ("tasks.reports", ["tasks"], True),
+        ("tasks", ["tasks"], True),
+        ("tasksx", ["tasks"], False),
+        ("os", ["tasks", "common.tasks"], False),
+        ("common", ["common.tasks"], False),
+        ("anything", [""], False),
+    ],
+)
+def test_allow_list(module: str, allowed: list[str], ok: bool) -> None:
+    assert is_allowed(module, allowed) is ok
+
+
+class FakePipe:
+    def __init__(self, sink: list[list[tuple[str, Any]]], fail: bool) -> None:
+        self.sink, self.fail, self.ops = sink, fail, []
+
+    def xadd(self, key: str, fields: dict[str, Any], maxlen: int, approximate: bool) -> None:
+        assert approximate and maxlen == 1000
+        self.ops.append(("xadd", (key, fields)))
+
+    def publish(self, channel: str, count: int) -> None:
+        self.ops.append(("publish", (channel, count)))
+
+    def execute(self) -> None:
+        import redis
+
+        if self.fail:
+            raise redis.ConnectionError("down")
+        self.sink.append(self.ops)
+
+
+class FakeClient:
+    def __init__(self) -> None:
+        self.batches: list[list[tuple[str, Any]]] = []
+        self.fail = False
+
+    def pipeline(self, transaction: bool = True) -> FakePipe:
+        assert transaction is False
+        return FakePipe(self.batches, self.fail)
+
+
+def writer(client: FakeClient, flush_ms: int = 10_000) -> LogWriter:
+    return LogWriter(client, Keys("{p}"), "j1", flush_ms=flush_ms, max_lines=1000)
+
+
+def test_one_flush_is_one_pipeline_with_one_publish() -> None:
+    client = FakeClient()
+    w = writer(client)
+    w.add("o", "out")
+    w.add("e", "err", continued=True)
+    w.add("x", "sys")
+    assert client.batches == []  # not due yet
+    w.close()
+    [ops] = client.batches
+    assert [op for op, _ in ops] == ["xadd", "xadd", "xadd", "publish"]
+    key, fields = ops[0][1]
+    assert key == "{p}:log:j1"
+    assert fields["s"] == "o" and fields["l"] == "out" and isinstance(fields["t"], int)
+    assert "c" not in fields
+    assert ops[1][1][1]["c"] == "1"
+    assert ops[3][1] == ("{p}:logs:j1", 3)
+    w.add("o", "after close")
+    w.flush()
+    assert len(client.batches) == 1
+
+
+def test_flushes_when_the_batch_is_full() -> None:
+    client = FakeClient()
+    w = writer(client)
+    for i in range(BATCH_LINES):
+        w.add("o", str(i))
+    assert len(client.batches) == 1 and len(client.batches[0]) == BATCH_LINES + 1
+
+
+def test_flush_if_due_follows_the_first_unflushed_line() -> None:
+    client = FakeClient()
+    w = writer(client, flush_ms=0)
+    assert w.due_in() is None
+    w.add("o", "a")
+    assert w.due_in() == 0.0
+    w.flush_if_due()
+    assert len(client.batches) == 1
+    assert w.due_in() is None
+
+
+def test_lines_survive_a_failed_flush_in_order() -> None:
+    client = FakeClient()
+    w = writer(client)
+    w.add("o", "1")
+    client.fail = True
+    assert w.flush() is False
+    w.add("o", "2")
+    client.fail = False
+    assert w.flush() is True
+    texts = [args[1]["l"] for op, args in client.batches[0] if op == "xadd"]
+    assert texts == ["1", "2"]

@@ -1,0 +1,267 @@
+"""Job output: bytes → lines → batched writes to the job's log stream.
+
+An entry of the job's log stream (`Keys.log`) has the fields the API's log reader expects:
+
+    s  'o' stdout, 'e' stderr, 'x' system (a line the worker wrote, e.g. an exec error)
+    t  milliseconds since the epoch when the worker read the line
+    l  the text (UTF-8; undecodable bytes become U+FFFD)
+    c  '1' only on a chunk of an over-long line that the next entry of the same stream
+       continues (lines are split at `log_line_max_bytes`, on a character boundary)
+
+One flush is ONE non-transactional pipeline: an XADD (MAXLEN ~ log_max_lines) per line and
+one PUBLISH of the line count on the job's log channel (`Keys.log_channel`), a wake-up hint
+for followers (pub/sub is at-most-once, the stream is the record: RELIABILITY.md finding 7).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any, Literal
+
+import redis
+
+from common.backoff import retry_delay_s
+from common.clock import monotonic, now_ms
+from common.keys import Keys
+from common.logging import get_logger
+
+Stream = Literal["o", "e", "x"]
+Chunk = tuple[str, bool]  # (text, continued by the next chunk)
+
+BATCH_LINES = 200  # flush at once when this many lines wait
+MAX_BUFFERED = 10_000  # lines kept while Redis is unreachable; older ones are dropped
+CLOSE_TRIES = 3
+
+log = get_logger("tidal.worker.output")
+
+
+def decode(data: bytes) -> str:
+    """Bytes of one line as text; binary output never raises."""
+    return data.decode("utf-8", errors="replace")
+
+
+def _cut(data: bytes, limit: int) -> int:
+    """Where to cut `data` (longer than `limit`) so no UTF-8 sequence is split."""
+    cut = limit
+    # step back over continuation bytes (0b10xxxxxx), at most 3, to a lead byte
+    while cut > limit - 3 and cut > 0 and (data[cut] & 0xC0) == 0x80:
+        cut -= 1
+    return cut if cut > 0 else limit
+
+
+class LineSplitter:
+    """Turns a byte stream into lines: split on b"\\n", strip a trailing b"\\r", and cut
+    lines longer than `max_bytes` into chunks, the earlier ones marked as continued. Holds
+    at most `max_bytes` of an unfinished line, however long the line."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max(4, max_bytes)
+        self._partial = bytearray()
+
+    def feed(self, data: bytes) -> list[Chunk]:
+        out: list[Chunk] = []
+        self._partial += data
+        start = 0
+        buf = self._partial
+        while True:
+            nl = buf.find(b"\n", start)
+            if nl < 0:
+                break
+            self._emit(bytes(buf[start:nl]), out)
+            start = nl + 1
+        rest = bytes(buf[start:])
+        while len(rest) > self.max_bytes:
+            cut = _cut(rest, self.max_bytes)
+            out.append((decode(rest[:cut]), True))
+            rest = rest[cut:]
+        self._partial = bytearray(rest)
+        return out
+
+    def close(self) -> list[Chunk]:
+        """The unfinished last line, if any (output that did not end with a newline)."""
+        out: list[Chunk] = []
+        if self._partial:
+            self._emit(bytes(self._partial), out)
+            self._partial = bytearray()
+        return out
+
+    def _emit(self, line: bytes, out: list[Chunk]) -> None:
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        while len(line) > self.max_bytes:
+            cut = _cut(line, self.max_bytes)
+            out.append((decode(line[:cut]), True))
+            line = line[cut:]
+        out.append((decode(line), False))
+
+
+def text_chunks(text: str, max_bytes: int) -> list[Chunk]:
+    """Lines of a text the worker or a python job logs, cut like process output."""
+    splitter = LineSplitter(max_bytes)
+    return splitter.feed(text.encode("utf-8", errors="replace")) + splitter.close()
+
+
+class LogWriter:
+    """Batches one job's log lines and writes them to Redis.
+
+    `add` buffers; the buffer is flushed when BATCH_LINES lines wait, when `flush_ms` has
+    passed since the first unflushed line (by whoever calls `flush_if_due`: the shell
+    reader, or the Flusher thread for python jobs), and by `close` before the job
+    finishes. Thread-safe. When Redis is unreachable the lines are kept (up to
+    MAX_BUFFERED) and sent with the next flush."""
+
+    def __init__(
+        self,
+        client: Any,
+        keys: Keys,
+        job_id: str,
+        *,
+        flush_ms: int,
+        max_lines: int,
+        on_pending: Callable[[], None] | None = None,
+    ) -> None:
+        self.client = client
+        self.key = keys.log(job_id)
+        self.channel = keys.log_channel(job_id)
+        self.job_id = job_id
+        self.flush_s = max(flush_ms, 0) / 1000.0
+        self.max_lines = max_lines
+        self.on_pending = on_pending
+        self._lines: deque[tuple[Stream, int, str, bool]] = deque()
+        self._first_at: float | None = None  # monotonic time of the first unflushed line
+        self._dropped = 0
+        self._closed = False
+        self._lock = threading.Lock()
+        self._send_lock = threading.Lock()
+        self.written = 0
+
+    def add(self, stream: Stream, text: str, continued: bool = False) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            if len(self._lines) >= MAX_BUFFERED:
+                self._lines.popleft()
+                self._dropped += 1
+            self._lines.append((stream, now_ms(), text, continued))
+            first = self._first_at is None
+            if first:
+                self._first_at = monotonic()
+            full = len(self._lines) >= BATCH_LINES
+        if full:
+            self.flush()
+        elif first and self.on_pending is not None:
+            self.on_pending()
+
+    def add_chunks(self, stream: Stream, chunks: list[Chunk]) -> None:
+        for text, continued in chunks:
+            self.add(stream, text, continued)
+
+    def due_in(self) -> float | None:
+        """Seconds until a time-based flush is due (0 if overdue), None if nothing waits."""
+        first = self._first_at
+        if first is None:
+            return None
+        return max(0.0, first + self.flush_s - monotonic())
+
+    def flush_if_due(self) -> None:
+        due = self.due_in()
+        if due is not None and due <= 0:
+            self.flush()
+
+    def flush(self) -> bool:
+        """Send what waits; True when the buffer is empty afterwards."""
+        with self._send_lock:
+            with self._lock:
+                batch = list(self._lines)
+                dropped, self._dropped = self._dropped, 0
+                self._lines.clear()
+                self._first_at = None
+            if dropped:
+                batch.insert(0, ("x", now_ms(), f"[{dropped} log lines dropped]", False))
+            if not batch:
+                return True
+            try:
+                self._send(batch)
+            except redis.RedisError as exc:
+                self._put_back(batch)
+                log.warning("log flush failed", job_id=self.job_id, error=str(exc))
+                return False
+            self.written += len(batch)
+            return True
+
+    def close(self) -> None:
+        """Final flush (a few tries), then refuse further lines."""
+        for attempt in range(1, CLOSE_TRIES + 1):
+            if self.flush():
+                break
+            if attempt < CLOSE_TRIES:
+                time.sleep(retry_delay_s(attempt, 0.1, 2.0, 1.0))
+        with self._lock:
+            self._closed = True
+            self._lines.clear()
+            self._first_at = None
+
+    def _send(self, batch: list[tuple[Stream, int, str, bool]]) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        for stream, at, text, continued in batch:
+            fields: dict[str, str | int] = {"s": stream, "t": at, "l": text}
+            if continued:
+                fields["c"] = "1"
+            pipe.xadd(self.key, fields, maxlen=self.max_lines, approximate=True)
+        pipe.publish(self.channel, len(batch))
+        pipe.execute()
+
+    def _put_back(self, batch: list[tuple[Stream, int, str, bool]]) -> None:
+        with self._lock:
+            room = MAX_BUFFERED - len(self._lines)
+            keep = batch[-room:] if room > 0 else []
+            self._dropped += len(batch) - len(keep)
+            self._lines.extendleft(reversed(keep))
+            if self._lines and self._first_at is None:
+                self._first_at = monotonic()
+
+
+class Flusher:
+    """One thread that flushes, on time, the writers of jobs that cannot do it themselves
+    (python jobs run their function in the runner thread). Sleeps until the earliest
+    writer is due; never wakes up when nothing waits."""
+
+    def __init__(self) -> None:
+        self._writers: set[LogWriter] = set()
+        self._cond = threading.Condition()
+        self._stopped = False
+
+    def add(self, writer: LogWriter) -> None:
+        with self._cond:
+            self._writers.add(writer)
+            writer.on_pending = self.poke
+
+    def remove(self, writer: LogWriter) -> None:
+        with self._cond:
+            self._writers.discard(writer)
+            writer.on_pending = None
+
+    def poke(self) -> None:
+        with self._cond:
+            self._cond.notify()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+
+    def run(self) -> None:
+        while True:
+            with self._cond:
+                if self._stopped:
+                    return
+                waits = [d for d in (w.due_in() for w in self._writers) if d is not None]
+                if not waits or min(waits) > 0:
+                    self._cond.wait(min(waits) if waits else None)
+                    continue
+                writers = list(self._writers)
+            for writer in writers:
+                writer.flush_if_due()

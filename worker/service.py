@@ -1,0 +1,459 @@
+"""The worker: reads as many dispatch entries as it has free slots, runs them, reports.
+
+Threads (STYLE.md item 8):
+- the consumer (the thread that calls `run()`): XREADGROUP for free slots only, then ONE
+  start.lua call per queue for the whole batch, then hands each job to the runner pool;
+- a bounded pool of `slots` runner threads: execute a job, flush its log, finish.lua;
+- the heartbeat thread: heartbeat.lua every `heartbeat_s` (worker hash + TTL, registry
+  zset), and cancels running jobs whose cancel flag it sees (pub/sub fallback);
+- the control thread: SUBSCRIBE to the worker's control channel (`cancel <job id>`);
+- the log flusher thread: time-based flushes of python jobs' logs.
+
+Stop: the consumer stops reading; running jobs get `shutdown_grace_s` to end; the rest
+are stopped (process groups killed) and finished as failed, reason `worker_shutdown`, so
+their retry policy applies. Entries read but not started stay pending under this worker's
+name and are reclaimed once its heartbeat expires.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import os
+import secrets
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import orjson
+import redis
+from structlog.contextvars import bound_contextvars
+
+from common import scripts as sc
+from common.backoff import retry_delay_s
+from common.clock import monotonic, now_ms
+from common.keys import GROUP_WORKERS, Keys
+from common.logging import get_logger
+from common.models import JobSubmission
+from common.redis import connect
+from common.settings import Settings
+from common.streams import ensure_group
+from worker.job import CANCELLED, SHUTDOWN, JobRun, abort_outcome
+from worker.output import Flusher, LogWriter
+from worker.python import BUILTIN_MODULE, run_python
+from worker.shell import DRAIN_S, run_shell
+
+VERSION = "0.1.0"
+FINISH_TRIES_WHEN_STOPPING = 5
+
+log = get_logger("tidal.worker")
+
+Entry = tuple[str, str, str]  # (queue, dispatch entry id, job id)
+
+
+def new_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
+
+
+class Worker:
+    def __init__(
+        self, settings: Settings, *, client: redis.Redis | None = None, block_ms: int = 1000
+    ) -> None:
+        self.settings = settings
+        self.keys = Keys(settings.prefix)
+        self._own_client = client is None
+        self.client: redis.Redis = client if client is not None else connect(settings.redis_url)
+        self.scripts = sc.Scripts(self.client)
+        self.id = new_worker_id()
+        self.queues = list(dict.fromkeys(settings.queues))
+        self.slots = max(1, settings.concurrency)
+        self.allowed = (*settings.allow_modules, BUILTIN_MODULE)
+        self.grace_s = settings.shutdown_grace_s
+        self.block_ms = block_ms
+        self.started_at = now_ms()
+        self.hostname = socket.gethostname()
+        self._stop = threading.Event()  # stop reading
+        self._halt = threading.Event()  # stop the helper threads (after the jobs)
+        self._force = threading.Event()  # a second signal: no more grace
+        self._subscribed = threading.Event()
+        self._slots = threading.Condition()
+        self._running: dict[str, JobRun] = {}
+        self._backlog: deque[Entry] = deque()
+        self._unsure: set[str] = set()  # entries whose start call failed midway
+        self._pool = ThreadPoolExecutor(max_workers=self.slots, thread_name_prefix="tidal-run")
+        self._flusher = Flusher()
+        self.abandoned = 0  # python jobs still executing when run() returned
+
+    # -- public ------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Serve until `stop()`; returns when every job has been finished or handed back."""
+        with bound_contextvars(worker_id=self.id):
+            log.info("worker starting", queues=self.queues, slots=self.slots)
+            helpers: list[threading.Thread] = []
+            try:
+                if not self._start_up():
+                    return
+                helpers = [
+                    self._thread(self._heartbeat_loop, "tidal-heartbeat"),
+                    self._thread(self._control_loop, "tidal-control"),
+                    self._thread(self._flusher.run, "tidal-log-flusher"),
+                ]
+                self._subscribed.wait(5.0)
+                self._consume()
+                self._drain()
+            finally:
+                self._close(helpers)
+            log.info("worker stopped")
+
+    def stop(self, *, force: bool = False) -> None:
+        """Stop reading and wind down (thread-safe; `force` skips the grace period)."""
+        self._stop.set()
+        if force:
+            self._force.set()
+        with self._slots:
+            self._slots.notify_all()
+
+    def running_ids(self) -> list[str]:
+        with self._slots:
+            return list(self._running)
+
+    # -- start-up and shutdown ---------------------------------------------------------
+
+    def _start_up(self) -> bool:
+        """Consumer groups for every queue and a first heartbeat; waits for Redis."""
+        failures = 0
+        while not self._stop.is_set():
+            try:
+                for queue in self.queues:
+                    ensure_group(self.client, self.keys.dispatch(queue), GROUP_WORKERS)
+                self._beat()
+                return True
+            except redis.RedisError as exc:
+                failures += 1
+                log.warning("redis unavailable at start-up", error=str(exc), tries=failures)
+                self._stop.wait(retry_delay_s(failures, 0.2, 2.0, 5.0))
+        return False
+
+    def _thread(self, target: Callable[[], None], name: str) -> threading.Thread:
+        ctx = contextvars.copy_context()
+        thread = threading.Thread(target=ctx.run, args=(target,), name=name, daemon=True)
+        thread.start()
+        return thread
+
+    def _drain(self) -> None:
+        """Give running jobs the grace period, then stop and finish the rest."""
+        self._wait_idle(self.grace_s)
+        with self._slots:
+            left = list(self._running.values())
+        if not left:
+            return
+        log.warning("grace period over: stopping jobs", jobs=[run.job_id for run in left])
+        for run in left:
+            run.abort(SHUTDOWN)
+            if run.kind == "python":  # a thread cannot be stopped: finish it from here
+                self._finish(run, abort_outcome(SHUTDOWN))
+                self._release(run)
+                self.abandoned += 1
+        self._wait_idle(self.settings.kill_grace_s + DRAIN_S + 2.0, force_ok=False)
+
+    def _wait_idle(self, timeout_s: float, force_ok: bool = True) -> None:
+        deadline = monotonic() + timeout_s
+        with self._slots:
+            while self._running and not (force_ok and self._force.is_set()):
+                left = deadline - monotonic()
+                if left <= 0:
+                    return
+                self._slots.wait(min(left, 0.5))
+
+    def _close(self, helpers: list[threading.Thread]) -> None:
+        self._stop.set()
+        self._halt.set()
+        self._flusher.stop()
+        for thread in helpers:
+            thread.join(timeout=5.0)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._own_client:
+            self.client.close()
+
+    # -- consumer ----------------------------------------------------------------------
+
+    def _consume(self) -> None:
+        failures = 0
+        while not self._stop.is_set():
+            free = self._wait_for_slot()
+            if free <= 0:
+                continue
+            try:
+                if not self._backlog:
+                    self._read(free)
+                self._start(free)
+                failures = 0
+            except redis.RedisError as exc:
+                failures += 1
+                log.warning("reading jobs failed", error=str(exc), tries=failures)
+                if "NOGROUP" in str(exc):
+                    self._ensure_groups()
+                self._stop.wait(retry_delay_s(failures, 0.1, 2.0, 5.0))
+
+    def _wait_for_slot(self) -> int:
+        with self._slots:
+            while not self._stop.is_set() and len(self._running) >= self.slots:
+                self._slots.wait()
+            return 0 if self._stop.is_set() else self.slots - len(self._running)
+
+    def _ensure_groups(self) -> None:
+        try:
+            for queue in self.queues:
+                ensure_group(self.client, self.keys.dispatch(queue), GROUP_WORKERS)
+        except redis.RedisError as exc:
+            log.warning("cannot create consumer groups", error=str(exc))
+
+    def _read(self, count: int) -> None:
+        """XREADGROUP up to `count` entries per queue into the backlog (with several
+        queues a read may bring more than `count`; the rest waits for free slots)."""
+        streams: dict[Any, Any] = {self.keys.dispatch(q): ">" for q in self.queues}
+        queue_of = {self.keys.dispatch(q): q for q in self.queues}
+        reply = self.client.xreadgroup(
+            GROUP_WORKERS, self.id, streams, count=count, block=self.block_ms
+        )
+        for stream, items in _stream_items(reply):
+            for entry_id, fields in items:
+                job_id = (fields or {}).get("id")
+                if job_id:
+                    self._backlog.append((queue_of[stream], entry_id, job_id))
+                else:
+                    self._drop_malformed(stream, entry_id, fields)
+
+    def _drop_malformed(self, stream: str, entry_id: str, fields: Any) -> None:
+        log.error("malformed dispatch entry dropped", stream=stream, entry=entry_id, fields=fields)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.xack(stream, GROUP_WORKERS, entry_id)
+        pipe.xdel(stream, entry_id)
+        pipe.execute()
+
+    def _start(self, free: int) -> None:
+        """ONE start.lua call per queue for up to `free` backlog entries. When a call
+        fails, its entries go back to the backlog marked unsure: the reply may have been
+        lost after the script ran, and start.lua must not see an entry twice (it would
+        take a job it started for a stale entry and drop it)."""
+        batch = [self._backlog.popleft() for _ in range(min(free, len(self._backlog)))]
+        done: set[str] = set()
+        try:
+            batch = self._settle(batch)
+            for queue, entries in _by_queue(batch).items():
+                call = sc.start(self.keys, queue, entries, worker=self.id,
+                                events_maxlen=self.settings.events_maxlen)
+                rows = self.scripts.run(call)
+                for (entry_id, _), row in zip(entries, rows, strict=True):
+                    done.add(entry_id)
+                    self._launch(queue, entry_id, row)
+        except redis.RedisError:
+            left = [item for item in batch if item[1] not in done]
+            self._unsure.update(entry_id for _, entry_id, _ in left)
+            self._backlog.extendleft(reversed(left))
+            raise
+
+    def _settle(self, batch: list[Entry]) -> list[Entry]:
+        """Launch the unsure entries that an earlier start call did start (the job hash
+        names this worker and the entry); return the entries still to start."""
+        unsure = [item for item in batch if item[1] in self._unsure]
+        if not unsure:
+            return batch
+        pipe = self.client.pipeline(transaction=False)
+        for _, _, job_id in unsure:
+            pipe.hmget(self.keys.job(job_id), "state", "dispatch_id", "worker", "attempt", "spec")
+        started = set()
+        for (queue, entry_id, job_id), h in zip(unsure, pipe.execute(), strict=True):
+            if h[0] == "running" and h[1] == entry_id and h[2] == self.id:
+                started.add(entry_id)
+                self._launch(queue, entry_id, [job_id, int(h[3]), h[4]])
+        self._unsure.difference_update(entry_id for _, entry_id, _ in unsure)
+        return [item for item in batch if item[1] not in started]
+
+    def _launch(self, queue: str, entry_id: str, row: list[Any]) -> None:
+        job_id, attempt, spec_json = str(row[0]), int(row[1]), row[2]
+        if attempt == 0:
+            log.debug("dispatch entry skipped", job_id=job_id, entry=entry_id)
+            return
+        try:
+            spec = JobSubmission.model_validate(orjson.loads(spec_json))
+        except ValueError as exc:
+            log.error("job spec unreadable", job_id=job_id, error=str(exc))
+            bad = JobRun(job_id, queue, entry_id, attempt, JobSubmission(command=["true"]))
+            error = f"invalid spec: {exc}"
+            self._finish(bad, sc.Outcome("failed", None, error=error, reason="invalid_spec"))
+            return
+        run = JobRun(job_id, queue, entry_id, attempt, spec)
+        with self._slots:
+            self._running[job_id] = run
+        self._pool.submit(contextvars.copy_context().run, self._run_job, run)
+
+    # -- runner threads ----------------------------------------------------------------
+
+    def _run_job(self, run: JobRun) -> None:
+        with bound_contextvars(job_id=run.job_id, attempt=run.attempt):
+            try:
+                writer = LogWriter(
+                    self.client, self.keys, run.job_id,
+                    flush_ms=self.settings.log_flush_ms, max_lines=self.settings.log_max_lines,
+                )
+                outcome = self._execute(run, writer)
+                writer.close()
+                self._finish(run, outcome)
+            except Exception as exc:  # a bug of the worker, not of the job
+                log.exception("job runner failed")
+                error = f"worker error: {exc!r}"
+                self._finish(run, sc.Outcome("failed", None, error=error, reason="worker_error"))
+            finally:
+                self._release(run)
+
+    def _execute(self, run: JobRun, writer: LogWriter) -> sc.Outcome:
+        s = self.settings
+        timeout_s = run.spec.timeout or s.default_timeout_s
+        log.debug("job started", kind=run.kind, queue=run.queue)
+        if run.kind == "shell":
+            return run_shell(
+                run, writer, timeout_s=timeout_s, kill_grace_s=s.kill_grace_s,
+                line_max_bytes=s.log_line_max_bytes,
+            )
+        self._flusher.add(writer)
+        try:
+            return run_python(
+                run, writer, allowed=self.allowed, timeout_s=timeout_s,
+                line_max_bytes=s.log_line_max_bytes,
+            )
+        finally:
+            self._flusher.remove(writer)
+
+    def _release(self, run: JobRun) -> None:
+        with self._slots:
+            if self._running.get(run.job_id) is run:
+                del self._running[run.job_id]
+            self._slots.notify_all()
+
+    def _finish(self, run: JobRun, outcome: sc.Outcome) -> None:
+        """ONE finish.lua call; Redis errors are retried (the token makes it idempotent:
+        after a lost reply the retry answers -1, which then means done)."""
+        if not run.claim_finish():
+            return
+        spec = run.spec
+        delay = retry_delay_s(run.attempt, spec.retry_delay, spec.retry_backoff,
+                              spec.retry_max_delay)
+        call = sc.finish(
+            self.keys, run.job_id, run.queue, run.token, outcome, worker=self.id,
+            retry_delay_ms=int(delay * 1000), events_maxlen=self.settings.events_maxlen,
+            ttl_s=self.settings.job_ttl_s,
+        )
+        tries = 0
+        while True:
+            tries += 1
+            try:
+                result = self.scripts.run(call)
+                break
+            except redis.RedisError as exc:
+                if self._stop.is_set() and tries >= FINISH_TRIES_WHEN_STOPPING:
+                    log.error("cannot finish job: left for the reaper", error=str(exc))
+                    return
+                log.warning("finish failed, retrying", error=str(exc), tries=tries)
+                time.sleep(retry_delay_s(tries, 0.1, 2.0, 5.0))
+        self._report(run, outcome, result, tries)
+
+    def _report(self, run: JobRun, outcome: sc.Outcome, result: Any, tries: int) -> None:
+        if isinstance(result, str):
+            log.info("job finished", state=result, reason=outcome.reason or None,
+                     exit_code=outcome.exit_code)
+        elif result == -1 and tries > 1:
+            log.info("job finished (by the earlier try)", state=outcome.state)
+        elif result == -1:
+            log.warning("stale attempt: another attempt owns the job; outcome dropped",
+                        state=outcome.state)
+        else:
+            log.warning("finish refused", code=result, state=outcome.state)
+
+    # -- heartbeat and control -----------------------------------------------------------
+
+    def _heartbeat_loop(self) -> None:
+        failures = 0
+        period = self.settings.heartbeat_s
+        while True:
+            try:
+                self._beat()
+                failures, wait = 0, period
+            except redis.RedisError as exc:
+                failures += 1
+                log.warning("heartbeat failed", error=str(exc), tries=failures)
+                wait = retry_delay_s(failures, min(0.25, period), 2.0, period)
+            if self._halt.wait(wait):
+                return
+
+    def _beat(self) -> None:
+        running = self.running_ids()
+        fields: dict[str, str | int] = {
+            "hostname": self.hostname,
+            "pid": os.getpid(),
+            "queues": ",".join(self.queues),
+            "slots": self.slots,
+            "started_at": self.started_at,
+            "version": VERSION,
+        }
+        call = sc.heartbeat(self.keys, self.id, running, fields,
+                            ttl_ms=int(self.settings.worker_ttl_s * 1000))
+        for job_id in self.scripts.run(call) or []:
+            self._cancel_local(str(job_id), via="heartbeat")
+
+    def _cancel_local(self, job_id: str, *, via: str) -> None:
+        with self._slots:
+            run = self._running.get(job_id)
+        if run is not None and run.abort(CANCELLED):
+            log.info("cancelling job", job_id=job_id, via=via)
+
+    def _control_loop(self) -> None:
+        failures = 0
+        while not self._halt.is_set():
+            try:
+                self._listen()
+                return
+            except redis.RedisError as exc:
+                self._subscribed.clear()
+                failures += 1
+                log.warning("control channel lost", error=str(exc), tries=failures)
+                self._halt.wait(retry_delay_s(failures, 0.2, 2.0, 5.0))
+
+    def _listen(self) -> None:
+        pubsub = self.client.pubsub()  # type: ignore[no-untyped-call]
+        try:
+            pubsub.subscribe(self.keys.control_channel(self.id))
+            poll = max(0.05, min(1.0, self.block_ms / 1000))
+            while not self._halt.is_set():
+                msg = pubsub.get_message(timeout=poll)
+                if msg is None:
+                    continue
+                if msg["type"] == "subscribe":
+                    self._subscribed.set()
+                elif msg["type"] == "message":
+                    self._on_control(str(msg["data"]))
+        finally:
+            pubsub.close()
+
+    def _on_control(self, data: str) -> None:
+        command, _, arg = data.partition(" ")
+        if command == "cancel" and arg:
+            self._cancel_local(arg.strip(), via="control")
+        else:
+            log.warning("unknown control message", message=data[:200])
+
+
+def _by_queue(batch: list[Entry]) -> dict[str, list[tuple[str, str]]]:
+    by_queue: dict[str, list[tuple[str, str]]] = {}
+    for queue, entry_id, job_id in batch:
+        by_queue.setdefault(queue, []).append((entry_id, job_id))
+    return by_queue
+
+
+def _stream_items(reply: Any) -> list[tuple[str, list[tuple[str, dict[str, str]]]]]:
+    """XREADGROUP's answer (RESP2: a list of [stream, entries]) as (stream, entries)."""
+    return [(stream, items) for stream, items in reply or []]

@@ -1,0 +1,266 @@
+"""Shell jobs: one process group per attempt, both pipes read in the runner thread.
+
+- The job runs in a new session (`start_new_session=True`), so its process group holds the
+  whole tree unless a process leaves it on purpose; such escapees are found with psutil.
+- stdout and stderr are read as bytes with `selectors` + `os.read` on non-blocking
+  descriptors (64 KiB reads), together with a pidfd (exit) and the run's wake pipe
+  (cancel / shutdown), so one thread serves everything with no polling.
+- Timeout, cancel or shutdown: SIGTERM to the group, `kill_grace_s` later SIGKILL to the
+  group and to every descendant seen. Once the leader has exited, the pipes are drained for
+  at most DRAIN_S: a grandchild that keeps them open cannot hang the runner (RELIABILITY.md
+  finding 10).
+- When a job ends, whatever is left of its process group is killed: no process of a
+  finished job outlives it.
+- Exec failures (missing command or cwd, permission denied, E2BIG …) fail the job with
+  reason `exec_error` and a `system` log line; the worker keeps serving.
+"""
+
+from __future__ import annotations
+
+import os
+import selectors
+import signal
+import subprocess
+from typing import IO
+
+import psutil
+
+from common.clock import monotonic
+from common.scripts import Outcome
+from worker import process as pg
+from worker.job import JobRun, abort_outcome
+from worker.output import LineSplitter, LogWriter, Stream
+
+READ_BYTES = 64 * 1024
+DRAIN_S = 1.0  # how long pipes may stay open after the leader exited
+REAP_S = 10.0  # bound on waiting for a SIGKILLed leader to be reaped
+# never handed to jobs: credentials of the worker itself
+SECRET_ENV = ("TIDAL_TOKEN", "TIDAL_REDIS_URL", "TIDAL_DATABASE_URL")
+
+_STOP_NOTE = {
+    "timeout": "timed out after {timeout:g}s: stopping the process group",
+    "cancelled": "cancelled: stopping the process group",
+    "worker_shutdown": "the worker is shutting down: stopping the process group",
+}
+
+
+def job_env(run: JobRun) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in SECRET_ENV}
+    env.update(run.spec.env)
+    env["TIDAL_JOB_ID"] = run.job_id
+    env["TIDAL_ATTEMPT"] = str(run.attempt)
+    return env
+
+
+def run_shell(
+    run: JobRun,
+    writer: LogWriter,
+    *,
+    timeout_s: float,
+    kill_grace_s: float,
+    line_max_bytes: int,
+) -> Outcome:
+    """Run one shell attempt to its end and say how it ended."""
+    argv = run.spec.argv()
+    try:
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+            cwd=run.spec.cwd,
+            env=job_env(run),
+        )
+    except (OSError, ValueError) as exc:
+        text = f"cannot execute {argv[0]!r}: {exc}"
+        writer.add("x", text)
+        return Outcome("failed", None, error=text, reason="exec_error")
+    session = ShellSession(proc, run, writer, timeout_s, kill_grace_s, line_max_bytes)
+    try:
+        session.pump()
+    finally:
+        session.cleanup()
+    return session.outcome()
+
+
+class ShellSession:
+    """The select loop of one running process group."""
+
+    def __init__(
+        self,
+        proc: subprocess.Popen[bytes],
+        run: JobRun,
+        writer: LogWriter,
+        timeout_s: float,
+        kill_grace_s: float,
+        line_max_bytes: int,
+    ) -> None:
+        self.proc, self.run, self.writer = proc, run, writer
+        self.pgid = proc.pid  # a new session: the leader's pid is the group id
+        self.timeout_s, self.kill_grace_s = timeout_s, kill_grace_s
+        self.deadline = monotonic() + timeout_s
+        self.kill_reason: str | None = None
+        self.kill_at: float | None = None  # when SIGKILL follows the SIGTERM
+        self.killed = False
+        self.drain_until: float | None = None
+        self.exited = False
+        self.tree: list[psutil.Process] = []
+        self.sel = selectors.DefaultSelector()
+        self.splitters: dict[int, tuple[Stream, LineSplitter]] = {}
+        assert proc.stdout is not None and proc.stderr is not None
+        pipes: list[tuple[Stream, IO[bytes]]] = [("o", proc.stdout), ("e", proc.stderr)]
+        for stream, pipe in pipes:
+            fd = pipe.fileno()
+            os.set_blocking(fd, False)
+            self.sel.register(fd, selectors.EVENT_READ, "pipe")
+            self.splitters[fd] = (stream, LineSplitter(line_max_bytes))
+        self.pidfd = pg.pidfd(proc.pid)
+        if self.pidfd is not None:
+            self.sel.register(self.pidfd, selectors.EVENT_READ, "exit")
+        self.wake = run.open_wake()
+        self.sel.register(self.wake, selectors.EVENT_READ, "wake")
+
+    # -- the loop ----------------------------------------------------------------------
+
+    def pump(self) -> None:
+        while not self._done():
+            for key, _ in self.sel.select(self._timeout()):
+                if key.data == "pipe":
+                    self._read(key.fd)
+                elif key.data == "exit":
+                    self._mark_exited()
+                else:
+                    self._drain_wake()
+            self._tick()
+
+    def _done(self) -> bool:
+        if not self.exited:
+            return False
+        if not self.splitters:
+            return True
+        return self.drain_until is not None and monotonic() >= self.drain_until
+
+    def _tick(self) -> None:
+        now = monotonic()
+        if not self.exited and self.pidfd is None and pg.has_exited(self.proc.pid):
+            self._mark_exited()
+        if self.kill_reason is None and not self.exited:
+            if self.run.abort_reason is not None:
+                self._terminate(self.run.abort_reason)
+            elif now >= self.deadline:
+                self._terminate("timeout")
+        if self.kill_at is not None and not self.killed and now >= self.kill_at:
+            self._kill()
+        if self.exited and self.splitters and self.drain_until is None:
+            self.drain_until = now + DRAIN_S
+        self.writer.flush_if_due()
+
+    def _timeout(self) -> float:
+        now = monotonic()
+        waits = [1.0]
+        if not self.exited:
+            if self.pidfd is None:
+                waits.append(0.05)
+            if self.kill_reason is None:
+                waits.append(self.deadline - now)
+        if self.kill_at is not None and not self.killed:
+            waits.append(self.kill_at - now)
+        if self.drain_until is not None:
+            waits.append(self.drain_until - now)
+        due = self.writer.due_in()
+        if due is not None:
+            waits.append(due)
+        return max(0.0, min(waits))
+
+    # -- events ------------------------------------------------------------------------
+
+    def _read(self, fd: int) -> None:
+        try:
+            data = os.read(fd, READ_BYTES)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        stream, splitter = self.splitters[fd]
+        if data:
+            self.writer.add_chunks(stream, splitter.feed(data))
+        else:
+            self._close_pipe(fd)
+
+    def _close_pipe(self, fd: int) -> None:
+        stream, splitter = self.splitters.pop(fd)
+        self.sel.unregister(fd)
+        self.writer.add_chunks(stream, splitter.close())
+
+    def _mark_exited(self) -> None:
+        self.exited = True
+        if self.pidfd is not None:
+            self.sel.unregister(self.pidfd)
+            os.close(self.pidfd)
+            self.pidfd = None
+
+    def _drain_wake(self) -> None:
+        try:
+            os.read(self.wake, 64)
+        except OSError:
+            pass
+
+    def _terminate(self, reason: str) -> None:
+        self.kill_reason = reason
+        self.writer.add("x", _STOP_NOTE.get(reason, reason).format(timeout=self.timeout_s))
+        self.tree = pg.descendants(self.proc.pid)
+        pg.signal_group(self.pgid, signal.SIGTERM)
+        pg.kill_all(self.tree, signal.SIGTERM)
+        self.kill_at = monotonic() + self.kill_grace_s
+
+    def _kill(self) -> None:
+        self.killed = True
+        self.tree += pg.descendants(self.proc.pid)
+        pg.signal_group(self.pgid, signal.SIGKILL)
+        pg.kill_all(self.tree, signal.SIGKILL)
+
+    # -- the end -----------------------------------------------------------------------
+
+    def cleanup(self) -> None:
+        """Take what the pipes still hold, kill what is left of the group (the leader is
+        not reaped yet, so its pid cannot have been reused), reap, close everything."""
+        for fd in list(self.splitters):
+            for _ in range(16):
+                if fd not in self.splitters:
+                    break
+                self._read(fd)
+            if fd in self.splitters:
+                self._close_pipe(fd)
+        pg.signal_group(self.pgid, signal.SIGKILL)
+        pg.kill_all(self.tree, signal.SIGKILL)
+        try:
+            self.proc.wait(timeout=REAP_S)
+        except subprocess.TimeoutExpired:
+            pass
+        for pipe in (self.proc.stdout, self.proc.stderr):
+            if pipe is not None:
+                pipe.close()
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+            self.pidfd = None
+        self.sel.close()
+        self.run.close_wake()
+
+    def outcome(self) -> Outcome:
+        if self.kill_reason == "timeout":
+            return Outcome(
+                "failed", None, error=f"timed out after {self.timeout_s:g}s", reason="timeout"
+            )
+        if self.kill_reason is not None:
+            return abort_outcome(self.kill_reason)
+        code = self.proc.returncode
+        if code is None:
+            return Outcome("failed", None, error="the process did not end", reason="signal")
+        if code == 0:
+            return Outcome("completed", 0)
+        if code > 0:
+            return Outcome("failed", code, error=f"exited with {code}", reason="exit_code")
+        return Outcome(
+            "failed", 128 - code, error=f"killed by {pg.signal_name(-code)}", reason="signal"
+        )
