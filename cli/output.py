@@ -235,8 +235,12 @@ def job_panel(job: Job) -> None:
 def jobs_table(jobs: Sequence[Job], next_cursor: str | None = None) -> None:
     """`tidal list`."""
     table = Table(box=None, header_style="bold", pad_edge=False)
+    queue_width = min(16, max([len(j.queue) for j in jobs] + [5]))
+    widths = {"ID": 26, "STATE": 9, "QUEUE": queue_width, "PRIORITY": 10, "CREATED": 8, "EXIT": 4}
     for name in ("ID", "STATE", "QUEUE", "PRIORITY", "COMMAND", "CREATED", "EXIT"):
-        table.add_column(name, no_wrap=name != "COMMAND", overflow="ellipsis")
+        # one line per job: the command gives way first and is cut with an ellipsis
+        table.add_column(name, no_wrap=True, overflow="ellipsis", min_width=widths.get(name),
+                         max_width=60 if name == "COMMAND" else None)
     for job in jobs:
         table.add_row(
             job.id, _state(job.state), job.queue, job.priority, command_text(job, width=60),

@@ -9,6 +9,7 @@ Redis last so it flushes its AOF. Each child's output goes to `<data_dir>/logs/<
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import socket
@@ -29,6 +30,7 @@ from common import config
 from common.errors import TidalError
 
 Spawn = Callable[["ChildSpec"], subprocess.Popen[bytes]]
+PR_SET_PDEATHSIG = 1
 
 
 @dataclass(frozen=True)
@@ -40,16 +42,25 @@ class ChildSpec:
     last: bool = False  # stopped after every other child (Redis)
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGTERM when `tidal up` dies, even by SIGKILL, so no
+    service outlives its supervisor (Linux prctl PR_SET_PDEATHSIG; a no-op elsewhere).
+    `tidal up` runs no threads of its own, so a preexec function is safe here."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def spawn_process(spec: ChildSpec) -> subprocess.Popen[bytes]:
     """Start a child in its own session (so a terminal's Ctrl-C reaches only `tidal up`,
     which then stops the children in order)."""
     if spec.log is None:
         return subprocess.Popen(spec.argv, env=spec.env, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=_die_with_parent)
     spec.log.parent.mkdir(parents=True, exist_ok=True)
     with spec.log.open("ab") as log:
         return subprocess.Popen(spec.argv, env=spec.env, stdin=subprocess.DEVNULL, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+                                stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=_die_with_parent)
 
 
 @dataclass
@@ -138,13 +149,20 @@ class Supervisor:
         child.restart_at = now + delay
         child.restarts += 1
         log = f" (log: {child.spec.log})" if child.spec.log else ""
-        self.report(f"{child.spec.name} {what}; restarting in {delay:g}s{log}")
+        self.say(f"{child.spec.name} {what}; restarting in {delay:g}s{log}")
+
+    def say(self, text: str) -> None:
+        """Report, but never let a closed terminal or pipe (EPIPE, EIO) stop supervision."""
+        try:
+            self.report(text)
+        except (OSError, ValueError):
+            pass
 
     def _stop_group(self, children: list[Child], grace: float) -> None:
         live = [c for c in children if c.proc is not None]
         for child in self._running(live):
             assert child.proc is not None
-            self.report(f"stopping {child.spec.name} (pid {child.proc.pid})")
+            self.say(f"stopping {child.spec.name} (pid {child.proc.pid})")
             child.proc.terminate()  # SIGTERM to this pid; Popen never signals a reaped pid
         deadline = self.clock() + grace
         while self._running(live) and self.clock() < deadline and not self._hurry.is_set():
@@ -154,7 +172,7 @@ class Supervisor:
             if proc is None:
                 continue
             if proc.poll() is None:
-                self.report(f"{child.spec.name} did not stop in {grace:g}s; killing it")
+                self.say(f"{child.spec.name} did not stop in {grace:g}s; killing it")
                 _kill_tree(proc)
             proc.wait()
 
@@ -260,7 +278,8 @@ def redis_spawn(data_dir: Path) -> tuple[Spawn, str]:
         assert spec.log is not None
         spec.log.parent.mkdir(parents=True, exist_ok=True)
         with spec.log.open("ab") as log:
-            proc, _ = start_server(data_dir / "redis", port=port, aof=True, stdout=log.fileno())
+            proc, _ = start_server(data_dir / "redis", port=port, aof=True, stdout=log.fileno(),
+                                  preexec_fn=_die_with_parent)
         return proc
 
     return spawn, f"redis://127.0.0.1:{port}/0"
@@ -290,14 +309,16 @@ def wait_healthy(sup: Supervisor, url: str, token: str, stop: threading.Event,
 
 @contextmanager
 def _signals(stop: threading.Event, sup: Supervisor) -> Iterator[None]:
-    """SIGINT/SIGTERM set `stop`; a second one makes the shutdown hurry."""
+    """SIGINT/SIGTERM/SIGHUP (the terminal closed) set `stop`; a second one makes the
+    shutdown hurry."""
 
     def handle(signum: int, frame: FrameType | None) -> None:
         if stop.is_set():
             sup.hurry()
         stop.set()
 
-    previous = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}
+    handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {s: signal.signal(s, handle) for s in handled}
     try:
         yield
     finally:
@@ -331,6 +352,6 @@ def run_up(opts: UpOptions) -> None:
             config.write_cluster(cfg, data_dir)
             sup.run(stop)
         finally:
-            output.up_event("stopping")
+            sup.say("stopping")
             sup.stop()
-            output.up_event("stopped")
+            sup.say("stopped")

@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import redis
@@ -78,6 +79,7 @@ def wait_ready(
 def start_server(
     data_dir: Path, *, port: int | None = None, aof: bool = True, host: str = "127.0.0.1",
     stdout: int | None = subprocess.DEVNULL,
+    preexec_fn: Callable[[], None] | None = None,
 ) -> tuple[subprocess.Popen[bytes], str]:
     """Start a server and wait for it; returns the process and its URL."""
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -85,6 +87,7 @@ def start_server(
     proc = subprocess.Popen(
         server_args(port, data_dir, aof=aof, host=host),
         stdout=stdout, stderr=subprocess.STDOUT, env={**os.environ}, start_new_session=True,
+        preexec_fn=preexec_fn,
     )
     url = f"redis://{host}:{port}/0"
     try:

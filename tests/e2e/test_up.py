@@ -106,3 +106,23 @@ def test_tidal_up_end_to_end(tmp_path: Path, procs: Procs) -> None:
     assert up.wait(timeout=60) == 0, log.read_text()
     gone, alive = psutil.wait_procs(children, timeout=10)
     assert alive == []
+
+
+@pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGKILL])
+def test_no_service_outlives_tidal_up(tmp_path: Path, procs: Procs, sig: signal.Signals) -> None:
+    """The terminal closing (SIGHUP) stops everything cleanly; even a SIGKILLed `tidal up`
+    takes its services with it (they get SIGTERM when their parent dies)."""
+    up = procs.start(
+        tidal_cmd("up", "--port", str(free_port()), "--data-dir", str(tmp_path / ".tidal"),
+                  "--workers", "1"),
+        cwd=tmp_path, env=clean_env(tmp_path), log=tmp_path / "up.log",
+    )
+    cfg = tmp_path / ".tidal" / "cli.json"
+    wait_for(lambda: cfg.exists() and "url" in cfg.read_text(), timeout=60, what="cli.json")
+    children = psutil.Process(up.pid).children(recursive=True)
+    assert len(children) >= 4  # redis, api, scheduler, worker
+    up.send_signal(sig)
+    code = up.wait(timeout=60)
+    assert code == (0 if sig == signal.SIGHUP else -signal.SIGKILL)
+    _gone, alive = psutil.wait_procs(children, timeout=30)
+    assert alive == []
