@@ -12,22 +12,12 @@ from fastapi.testclient import TestClient
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
-from api.app import create_app
 from common.clock import now_ms
 from common.db import make_engine
 from common.jobs import new_job_id
 from common.keys import Keys
 from common.settings import Settings
 from common.tables import JobRecord
-
-ADMIN = {"Authorization": "Bearer admintoken"}
-
-
-@pytest.fixture
-def client(settings: Settings, r: redis.Redis) -> Iterator[TestClient]:
-    app = create_app(settings.model_copy(update={"token": "admintoken"}))
-    with TestClient(app, headers=ADMIN) as c:
-        yield c
 
 
 @pytest.fixture

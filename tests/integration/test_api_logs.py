@@ -10,20 +10,10 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
-from api.app import create_app
 from api.routes import logs as log_routes
 from common.keys import Keys
-from common.settings import Settings
 
-ADMIN = {"Authorization": "Bearer admintoken"}
 T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z
-
-
-@pytest.fixture
-def client(settings: Settings, r: redis.Redis) -> Iterator[TestClient]:
-    app = create_app(settings.model_copy(update={"token": "admintoken"}))
-    with TestClient(app, headers=ADMIN) as c:
-        yield c
 
 
 @pytest.fixture

@@ -2,25 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
-import pytest
 import redis
 from fastapi.testclient import TestClient
 
-from api.app import create_app
 from common.keys import Keys
-from common.settings import Settings
 
-ADMIN = {"Authorization": "Bearer admintoken"}
 T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z
-
-
-@pytest.fixture
-def client(settings: Settings, r: redis.Redis) -> Iterator[TestClient]:
-    app = create_app(settings.model_copy(update={"token": "admintoken"}))
-    with TestClient(app, headers=ADMIN) as c:
-        yield c
 
 
 def test_workers_lists_live_hashes_and_drops_expired(client: TestClient, r: redis.Redis,
