@@ -195,18 +195,20 @@ def cancel(
 def heartbeat(
     keys: Keys,
     worker_id: str,
-    running: Sequence[str],
+    running: Sequence[tuple[str, str]],
     fields: dict[str, str | int],
     *,
     ttl_ms: int,
 ) -> Call:
+    """running: (job id, fencing token) of each job the worker runs."""
     flat: list[Any] = []
     for name, value in fields.items():
         flat += [name, value]
     return Call(
         "heartbeat",
-        [keys.worker(worker_id), keys.workers(), *map(keys.job, running)],
-        [worker_id, ttl_ms, ",".join(running), *flat],
+        [keys.worker(worker_id), keys.workers(), *(keys.job(j) for j, _ in running)],
+        [worker_id, ttl_ms, ",".join(j for j, _ in running), len(running),
+         *(token for _, token in running), *flat],
     )
 
 

@@ -16,6 +16,7 @@ from common.scripts import Outcome
 
 CANCELLED = "cancelled"
 SHUTDOWN = "worker_shutdown"
+LOST = "lost"  # the job was given to another attempt while this worker was away
 
 
 @dataclass(eq=False)

@@ -41,7 +41,7 @@ from common.models import JobSubmission
 from common.redis import connect
 from common.settings import Settings
 from common.streams import ensure_group
-from worker.job import CANCELLED, SHUTDOWN, JobRun, abort_outcome
+from worker.job import CANCELLED, LOST, SHUTDOWN, JobRun, abort_outcome
 from worker.output import Flusher, LogWriter
 from worker.python import BUILTIN_MODULE, run_python
 from worker.shell import DRAIN_S, run_shell
@@ -340,6 +340,9 @@ class Worker:
         after a lost reply the retry answers -1, which then means done)."""
         if not run.claim_finish():
             return
+        if run.abort_reason == LOST:
+            log.warning("job lost to another attempt while this worker was away; not finished")
+            return
         spec = run.spec
         delay = retry_delay_s(run.attempt, spec.retry_delay, spec.retry_backoff,
                               spec.retry_max_delay)
@@ -391,7 +394,8 @@ class Worker:
                 return
 
     def _beat(self) -> None:
-        running = self.running_ids()
+        with self._slots:
+            running = [(job_id, run.token) for job_id, run in self._running.items()]
         fields: dict[str, str | int] = {
             "hostname": self.hostname,
             "pid": os.getpid(),
@@ -402,14 +406,19 @@ class Worker:
         }
         call = sc.heartbeat(self.keys, self.id, running, fields,
                             ttl_ms=int(self.settings.worker_ttl_s * 1000))
-        for job_id in self.scripts.run(call) or []:
+        cancelled, lost = self.scripts.run(call)
+        for job_id in cancelled:
             self._cancel_local(str(job_id), via="heartbeat")
+        for job_id in lost:
+            # frozen or cut off past our TTL: the reaper gave the job to another attempt,
+            # so kill our copy and do not finish it (finish.lua would refuse anyway)
+            self._cancel_local(str(job_id), via="heartbeat", reason=LOST)
 
-    def _cancel_local(self, job_id: str, *, via: str) -> None:
+    def _cancel_local(self, job_id: str, *, via: str, reason: str = CANCELLED) -> None:
         with self._slots:
             run = self._running.get(job_id)
-        if run is not None and run.abort(CANCELLED):
-            log.info("cancelling job", job_id=job_id, via=via)
+        if run is not None and run.abort(reason):
+            log.info("stopping job", job_id=job_id, via=via, reason=reason)
 
     def _control_loop(self) -> None:
         failures = 0

@@ -126,13 +126,18 @@ def test_cancel_in_each_state(r: redis.Redis, keys: Keys) -> None:
     s.run(sc.dispatch(keys, "default", [running], capacity=1, events_maxlen=MAXLEN, by="s1"))
     ensure_group(r, keys.dispatch("default"), GROUP_WORKERS)
     [(_, items)] = r.xreadgroup(GROUP_WORKERS, "w1", {keys.dispatch("default"): ">"}, count=1)
-    s.run(sc.start(keys, "default", [(items[0][0], running)], worker="w1", events_maxlen=MAXLEN))
+    token = items[0][0]
+    s.run(sc.start(keys, "default", [(token, running)], worker="w1", events_maxlen=MAXLEN))
 
     assert cancel(queued) == "cancelled"
     assert r.zscore(keys.queue("default"), queued) is None
     assert cancel(queued) == -1
     assert cancel(running) == "cancelling"
     assert r.hget(keys.job(running), "cancel") == "1"
-    hb = s.run(sc.heartbeat(keys, "w1", [running], {"slots": 1}, ttl_ms=5000))
-    assert hb == [running]
+    hb = s.run(sc.heartbeat(keys, "w1", [(running, token)], {"slots": 1}, ttl_ms=5000))
+    assert hb == [[running], []]
+    # a worker whose token no longer matches learns that it lost the job
+    hb = s.run(sc.heartbeat(keys, "w1", [(running, "0-1")], {"slots": 1}, ttl_ms=5000))
+    assert hb == [[], [running]]
+    assert r.pttl(keys.worker("w1")) > 0
     assert cancel("nope") == -3
