@@ -18,7 +18,9 @@ def new_job_id() -> str:
     return str(ULID()).lower()
 
 
-def submission_fields(sub: JobSubmission) -> dict[str, str | int | float]:
+def submission_fields(
+    sub: JobSubmission, default_stale_after_s: float | None = None
+) -> dict[str, str | int | float]:
     """The hash fields written by submit.lua besides id, state, owner and created_at."""
     fields: dict[str, str | int | float] = {
         "kind": sub.kind,
@@ -33,6 +35,14 @@ def submission_fields(sub: JobSubmission) -> dict[str, str | int | float]:
         fields["scheduled_at"] = iso_to_ms(sub.scheduled_at)
     if sub.idempotency_key:
         fields["idempotency_key"] = sub.idempotency_key
+    stale_after = sub.stale_after or default_stale_after_s
+    if stale_after:
+        fields["stale_after"] = int(stale_after * 1000)
+    if sub.depends_on:
+        fields["ndeps"] = len(sub.depends_on)
+    res = sub.resources
+    if res.cpu or res.memory_mb or res.gpu:
+        fields.update(res_cpu=res.cpu, res_mem=res.memory_mb, res_gpu=res.gpu)
     return fields
 
 
@@ -51,7 +61,6 @@ def job_from_hash(h: dict[str, str]) -> Job:
     if h.get("progress"):
         progress = Progress.model_validate(orjson.loads(h["progress"]))
     result = orjson.loads(h["result"]) if h.get("result") else None
-    spec.pop("stale_after", None)
     spec.pop("retry_delay", None)
     spec.pop("retry_backoff", None)
     spec.pop("retry_max_delay", None)

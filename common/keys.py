@@ -81,8 +81,37 @@ class Keys:
         return f"{self.prefix}:idem:{owner}:{key}"
 
     def user(self, user: str) -> str:
-        """hash: per-user counters for limits."""
+        """hash: per-user counters for limits (`active`: accepted, not yet finished)."""
         return f"{self.prefix}:user:{user}"
+
+    def hosts(self) -> str:
+        """set: host names that have a holder or waiters."""
+        return f"{self.prefix}:hosts"
+
+    def seq(self) -> str:
+        """string (counter): submission order, stamped on each job as `sub_seq`."""
+        return f"{self.prefix}:seq"
+
+    def settle(self) -> str:
+        """stream: jobs that ended and need follow-up (host hand-off, dependents, user
+        counter); group `schedulers`."""
+        return f"{self.prefix}:settle"
+
+    def ledger(self) -> str:
+        """hash: resources held by dispatched and running jobs (cpu, memory_mb, gpu)."""
+        return f"{self.prefix}:ledger"
+
+    def stale(self) -> str:
+        """zset: queued job ids by the ms they expire (created + stale_after)."""
+        return f"{self.prefix}:stale"
+
+    def cron(self) -> str:
+        """zset: schedule names by next fire time (ms)."""
+        return f"{self.prefix}:cron"
+
+    def cron_specs(self) -> str:
+        """hash: schedule name → JSON {cron, owner, job}."""
+        return f"{self.prefix}:cronspec"
 
     # -- workers ------------------------------------------------------------------
     def worker(self, worker_id: str) -> str:

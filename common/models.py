@@ -95,6 +95,16 @@ class Resources(BaseModel):
     gpu: int = Field(default=0, ge=0, le=64)
 
 
+class Dependency(BaseModel):
+    """A dependency with a condition: run after it completed (`success`, the default),
+    after it failed, was cancelled or expired (`failure`), or after it ended at all
+    (`any`, e.g. a clean-up job)."""
+
+    model_config = ConfigDict(extra="forbid")
+    id: Name
+    on: Literal["success", "failure", "any"] = "success"
+
+
 class JobSubmission(BaseModel):
     """One job as a user submits it (POST /jobs takes one or a list)."""
 
@@ -120,7 +130,10 @@ class JobSubmission(BaseModel):
     retry_backoff: float = Field(default=2.0, ge=1.0, le=10.0)
     retry_max_delay: float = Field(default=300.0, ge=0, le=7 * 24 * 3600, description="seconds")
     host: Name | None = None
-    depends_on: list[Name] = Field(default_factory=list, max_length=1000)
+    depends_on: list[Name | Dependency] = Field(
+        default_factory=list, max_length=1000,
+        description="job ids (run after they completed) or {id, on: success|failure|any}",
+    )
     resources: Resources = Field(default_factory=Resources)
     scheduled_at: datetime | None = None
     stale_after: float | None = Field(default=None, gt=0, le=30 * 24 * 3600)
@@ -150,6 +163,10 @@ class JobSubmission(BaseModel):
         if _json_size(self.env) > MAX_ENV_BYTES:
             raise ValueError(f"env: over the {MAX_ENV_BYTES} bytes limit")
         return self
+
+    def dependencies(self) -> list[Dependency]:
+        """depends_on with every entry in the long form."""
+        return [d if isinstance(d, Dependency) else Dependency(id=d) for d in self.depends_on]
 
     def argv(self) -> list[str]:
         """The argv a worker executes for a shell job."""
@@ -182,12 +199,16 @@ class Job(BaseModel):
     cwd: str | None = None
     timeout: float | None = None
     retries: int = 0
-    depends_on: list[str] = Field(default_factory=list)
+    depends_on: list[str | Dependency] = Field(default_factory=list)
     resources: Resources = Field(default_factory=Resources)
     scheduled_at: datetime | None = None
+    stale_after: float | None = None
     idempotency_key: str | None = None
     tags: dict[str, str] = Field(default_factory=dict)
     wait_reason: str | None = None
+    wait_detail: dict[str, Any] | None = Field(
+        default=None, description="why it is not running, in detail (queued jobs only)"
+    )
     attempt: int = 0
     worker: str | None = None
     created_at: datetime | None = None
@@ -233,6 +254,15 @@ class WorkerInfo(BaseModel):
     running: list[str]
     last_heartbeat: datetime | None = None
     started_at: datetime | None = None
+
+
+class HostInfo(BaseModel):
+    """A host: the job holding it and the jobs waiting for it, in the order they will run."""
+
+    host: str
+    holder: str | None = None
+    waiters: list[str] = Field(default_factory=list)
+    waiting: int = 0
 
 
 class TokenCreate(BaseModel):

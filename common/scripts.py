@@ -18,6 +18,8 @@ from common.keys import GROUP_SCHEDULERS, GROUP_WORKERS, Keys
 SCRIPT_NAMES = (
     "submit",
     "admit",
+    "depend",
+    "resolve",
     "promote_due",
     "dispatch",
     "start",
@@ -25,6 +27,11 @@ SCRIPT_NAMES = (
     "cancel",
     "heartbeat",
     "reclaim",
+    "grant",
+    "settle",
+    "expire",
+    "retry",
+    "cron_advance",
 )
 
 
@@ -58,6 +65,18 @@ class Scripts:
 # -- call builders, one per script -------------------------------------------------------
 
 
+def _host_keys(keys: Keys, host: str | None, stand_in: str) -> list[str]:
+    """A job's host string and hostwait zset; with no host, a stand-in key (unused)."""
+    return [keys.host(host), keys.hostwait(host)] if host else [stand_in, stand_in]
+
+
+def _pairs(fields: dict[str, Any]) -> list[Any]:
+    flat: list[Any] = []
+    for name, value in fields.items():
+        flat += [name, value]
+    return flat
+
+
 def submit(
     keys: Keys,
     job_id: str,
@@ -67,60 +86,111 @@ def submit(
     events_maxlen: int,
     idempotency_key: str | None = None,
     idempotency_ttl_s: int = 86400,
+    max_active: int = 0,
+    max_queue: int = 0,
 ) -> Call:
-    flat: list[Any] = []
-    for name, value in fields.items():
-        flat += [name, value]
+    """fields: the job hash fields (common.jobs.submission_fields), `queue` among them."""
     idem = keys.idem(owner, idempotency_key) if idempotency_key else keys.job(job_id)
     ttl = idempotency_ttl_s if idempotency_key else 0
     return Call(
         "submit",
-        [keys.job(job_id), keys.submissions(), keys.events(), idem],
-        [job_id, events_maxlen, ttl, owner, *flat],
+        [keys.job(job_id), keys.submissions(), keys.events(), idem, keys.user(owner),
+         keys.queue(str(fields.get("queue", "default"))), keys.seq()],
+        [job_id, events_maxlen, ttl, owner, max_active, max_queue, *_pairs(fields)],
     )
 
 
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """A submissions entry as the scheduler reads it."""
+
+    entry_id: str
+    job_id: str
+    queue: str
+    host: str | None = None
+
+
 def admit(
-    keys: Keys,
-    entries: Sequence[tuple[str, str, str]],
-    *,
-    events_maxlen: int,
-    priority_step_ms: int,
+    keys: Keys, entries: Sequence[Admission], *, events_maxlen: int, priority_step_ms: int,
     by: str,
 ) -> Call:
-    """entries: (submissions entry id, job id, queue name)."""
-    ks = [keys.submissions(), keys.events(), keys.delayed(), keys.queues()]
+    ks = [keys.submissions(), keys.events(), keys.delayed(), keys.queues(), keys.hosts(),
+          keys.stale()]
     args: list[Any] = [GROUP_SCHEDULERS, events_maxlen, priority_step_ms, by]
-    for entry_id, job_id, queue in entries:
-        ks += [keys.job(job_id), keys.queue(queue)]
-        args += [entry_id, queue]
+    for a in entries:
+        job = keys.job(a.job_id)
+        ks += [job, keys.queue(a.queue), *_host_keys(keys, a.host, job)]
+        args += [a.entry_id, a.queue]
     return Call("admit", ks, args)
 
 
-def promote_due(
-    keys: Keys,
-    candidates: Sequence[tuple[str, str]],
-    *,
-    events_maxlen: int,
-    priority_step_ms: int,
-    by: str,
+def depend(
+    keys: Keys, a: Admission, deps: Sequence[tuple[str, str]], *, events_maxlen: int,
+    priority_step_ms: int, by: str,
 ) -> Call:
-    """candidates: (job id, queue name)."""
-    ks = [keys.delayed(), keys.events()]
-    args: list[Any] = [events_maxlen, priority_step_ms, by]
-    for job_id, queue in candidates:
-        ks += [keys.job(job_id), keys.queue(queue)]
-    args += [job_id for job_id, _ in candidates]
-    return Call("promote_due", ks, args)
+    """deps: (dependency id, condition: success | failure | any)."""
+    job = keys.job(a.job_id)
+    ks = [keys.submissions(), keys.events(), keys.settle(), keys.queues(), job,
+          keys.deps(a.job_id), keys.queue(a.queue), keys.delayed(),
+          *_host_keys(keys, a.host, job), keys.hosts(), keys.stale()]
+    args: list[Any] = [GROUP_SCHEDULERS, a.entry_id, events_maxlen, priority_step_ms, by, a.queue]
+    for dep_id, cond in deps:
+        ks += [keys.job(dep_id), keys.dependents(dep_id)]
+        args += [dep_id, cond]
+    return Call("depend", ks, args)
+
+
+def resolve(
+    keys: Keys, dependent: str, queue: str, host: str | None, ended: str, ended_state: str,
+    *, events_maxlen: int, priority_step_ms: int, by: str,
+) -> Call:
+    job = keys.job(dependent)
+    return Call(
+        "resolve",
+        [keys.events(), keys.settle(), job, keys.deps(dependent), keys.queue(queue),
+         keys.delayed(), *_host_keys(keys, host, job), keys.hosts(), keys.stale()],
+        [ended, ended_state, events_maxlen, priority_step_ms, by],
+    )
+
+
+def promote_due(
+    keys: Keys, candidates: Sequence[tuple[str, str, str | None]], *, events_maxlen: int,
+    priority_step_ms: int, by: str,
+) -> Call:
+    """candidates: (job id, queue name, host)."""
+    ks = [keys.delayed(), keys.events(), keys.hosts()]
+    for job_id, queue, host in candidates:
+        job = keys.job(job_id)
+        ks += [job, keys.queue(queue), *_host_keys(keys, host, job)]
+    return Call("promote_due", ks,
+                [events_maxlen, priority_step_ms, by, *(c[0] for c in candidates)])
+
+
+@dataclass(frozen=True, slots=True)
+class Capacity:
+    """What the live workers of a queue offer: slots, usable resources (after overcommit
+    and reserve) and the largest single worker's resources."""
+
+    slots: int
+    cpu: float = 0.0
+    memory_mb: int = 0
+    gpu: int = 0
+    max_cpu: float = 0.0
+    max_memory_mb: int = 0
+    max_gpu: int = 0
 
 
 def dispatch(
-    keys: Keys, queue: str, candidates: Sequence[str], *, capacity: int, events_maxlen: int, by: str
+    keys: Keys, queue: str, candidates: Sequence[str], *, capacity: Capacity,
+    events_maxlen: int, by: str,
 ) -> Call:
+    c = capacity
     return Call(
         "dispatch",
-        [keys.queue(queue), keys.dispatch(queue), keys.events(), *map(keys.job, candidates)],
-        [capacity, events_maxlen, by, *candidates],
+        [keys.queue(queue), keys.dispatch(queue), keys.events(), keys.ledger(), keys.stale(),
+         *map(keys.job, candidates)],
+        [c.slots, events_maxlen, by, c.cpu, c.memory_mb, c.gpu, c.max_cpu, c.max_memory_mb,
+         c.max_gpu, *candidates],
     )
 
 
@@ -158,7 +228,8 @@ def finish(
 ) -> Call:
     return Call(
         "finish",
-        [keys.job(job_id), keys.dispatch(queue), keys.events(), keys.delayed(), keys.log(job_id)],
+        [keys.job(job_id), keys.dispatch(queue), keys.events(), keys.delayed(), keys.log(job_id),
+         keys.ledger(), keys.settle()],
         [
             token,
             GROUP_WORKERS,
@@ -176,18 +247,15 @@ def finish(
 
 
 def cancel(
-    keys: Keys, job_id: str, queue: str, *, by: str, events_maxlen: int, ttl_s: int
+    keys: Keys, job_id: str, queue: str, *, host: str | None = None, by: str,
+    events_maxlen: int, ttl_s: int,
 ) -> Call:
+    job = keys.job(job_id)
     return Call(
         "cancel",
-        [
-            keys.job(job_id),
-            keys.queue(queue),
-            keys.delayed(),
-            keys.dispatch(queue),
-            keys.events(),
-            keys.log(job_id),
-        ],
+        [job, keys.queue(queue), keys.delayed(), keys.dispatch(queue), keys.events(),
+         keys.log(job_id), keys.hostwait(host) if host else job, keys.stale(), keys.ledger(),
+         keys.settle()],
         [by, events_maxlen, ttl_s, keys.control_channel_prefix(), GROUP_WORKERS],
     )
 
@@ -201,14 +269,11 @@ def heartbeat(
     ttl_ms: int,
 ) -> Call:
     """running: (job id, fencing token) of each job the worker runs."""
-    flat: list[Any] = []
-    for name, value in fields.items():
-        flat += [name, value]
     return Call(
         "heartbeat",
         [keys.worker(worker_id), keys.workers(), *(keys.job(j) for j, _ in running)],
         [worker_id, ttl_ms, ",".join(j for j, _ in running), len(running),
-         *(token for _, token in running), *flat],
+         *(token for _, token in running), *_pairs(fields)],
     )
 
 
@@ -222,14 +287,60 @@ def reclaim(
     ttl_s: int,
     by: str,
 ) -> Call:
-    """entries: (dispatch entry id, job id) claimed from dead consumers."""
+    """entries: (dispatch entry id, job id) claimed from dead consumers (or handed back)."""
     return Call(
         "reclaim",
-        [keys.dispatch(queue), keys.queue(queue), keys.events(),
+        [keys.dispatch(queue), keys.queue(queue), keys.events(), keys.ledger(), keys.settle(),
          *(keys.job(job_id) for _, job_id in entries)],
         [GROUP_WORKERS, events_maxlen, max_deliveries, ttl_s, by,
          *(entry for entry, _ in entries)],
     )
+
+
+def grant(
+    keys: Keys, host: str, released: str, waiter: str | None, waiter_queue: str | None
+) -> Call:
+    stand_in = keys.host(host)
+    return Call(
+        "grant",
+        [keys.host(host), keys.hostwait(host), keys.hosts(),
+         keys.job(waiter) if waiter else stand_in,
+         keys.queue(waiter_queue) if waiter and waiter_queue else stand_in],
+        [released, waiter or "", host],
+    )
+
+
+def settle(keys: Keys, entry_id: str, job_id: str, owner: str) -> Call:
+    return Call(
+        "settle",
+        [keys.settle(), keys.user(owner), keys.deps(job_id), keys.dependents(job_id)],
+        [GROUP_SCHEDULERS, entry_id],
+    )
+
+
+def expire(
+    keys: Keys, candidates: Sequence[tuple[str, str, str | None]], *, events_maxlen: int,
+    ttl_s: int, by: str,
+) -> Call:
+    """candidates: (job id, queue name, host)."""
+    ks = [keys.events(), keys.settle(), keys.stale(), keys.delayed()]
+    for job_id, queue, host in candidates:
+        job = keys.job(job_id)
+        ks += [job, keys.queue(queue), keys.hostwait(host) if host else job]
+    return Call("expire", ks, [events_maxlen, ttl_s, by, *(c[0] for c in candidates)])
+
+
+def retry(keys: Keys, job_id: str, owner: str, *, by: str, events_maxlen: int) -> Call:
+    return Call(
+        "retry",
+        [keys.job(job_id), keys.submissions(), keys.events(), keys.user(owner),
+         keys.log(job_id)],
+        [job_id, by, events_maxlen],
+    )
+
+
+def cron_advance(keys: Keys, name: str, fired_ms: int, next_ms: int) -> Call:
+    return Call("cron_advance", [keys.cron()], [name, fired_ms, next_ms])
 
 
 # -- results ------------------------------------------------------------------------------

@@ -45,12 +45,25 @@ class Settings(BaseSettings):
     recorder: bool = True  # run the recorder inside the scheduler process
     recorder_batch: int = 500
 
+    stale_after_s: float = 3600.0  # a job queued longer (and not asking otherwise) expires
+    max_active_per_user: int = 100_000  # accepted and not finished, per user (429 above)
+    max_queue_size: int = 1_000_000  # queued jobs per queue (429 above)
+    overcommit: float = 1.0  # resources: the ledger may hand out capacity x this
+    reserve_cpu: float = 0.0  # resources kept free on the whole cluster
+    reserve_memory_mb: int = 0
+    max_job_cpu: float = 256.0  # a job asking more is refused at submission (422)
+    max_job_memory_mb: int = 1024 * 1024
+    max_job_gpu: int = 16
+
     # workers
     heartbeat_s: float = 2.0
     worker_ttl_s: float = 10.0
     concurrency: int = 4
     queues: list[str] = Field(default_factory=lambda: ["default"])
     allow_modules: list[str] = Field(default_factory=list)
+    worker_cpu: float | None = None  # resources a worker advertises (None: what it detects)
+    worker_memory_mb: int | None = None
+    worker_gpu: int = 0
     kill_grace_s: float = 2.0
     shutdown_grace_s: float = 30.0
     log_flush_ms: int = 50

@@ -1,4 +1,4 @@
-"""The scheduler loop: small duties run by one `every()` helper under one stop event.
+"""The scheduler loop: small duties run by one `Every` helper under one stop event.
 Admission blocks briefly on the submissions stream, so the loop wakes as soon as work
 arrives; the other duties run on their own intervals."""
 
@@ -16,8 +16,11 @@ from common.keys import Keys
 from common.logging import get_logger
 from common.redis import connect
 from common.settings import Settings
-from scheduler.duties import Duties, new_scheduler_id
+from scheduler.context import Context, new_scheduler_id
+from scheduler.cron import CronFirer
+from scheduler.duties import Duties
 from scheduler.recorder import Recorder
+from scheduler.settle import Settler
 
 log = get_logger("scheduler")
 
@@ -40,12 +43,24 @@ class Scheduler:
     def __init__(self, settings: Settings, client: redis.Redis | None = None) -> None:
         self.settings = settings
         self.client = client or connect(settings.redis_url)
-        self.keys = Keys(settings.prefix)
-        self.me = new_scheduler_id()
-        self.duties = Duties(settings, self.client, sc.Scripts(self.client), self.keys, self.me)
+        self.ctx = Context(settings, self.client, sc.Scripts(self.client),
+                           Keys(settings.prefix), new_scheduler_id())
+        self.duties = Duties(self.ctx)
+        self.settler = Settler(self.ctx)
+        self.cron = CronFirer(self.ctx)
         self.stop_event = threading.Event()
         self.recorder = Recorder(settings, self.client) if settings.recorder else None
         self._recorder_thread: threading.Thread | None = None
+
+    @property
+    def me(self) -> str:
+        return self.ctx.me
+
+    def step(self, block_ms: int | None = None) -> None:
+        """One pass of the always-on duties (the loop body; tests call it directly)."""
+        self.duties.admit(block_ms)
+        self.settler.settle()
+        self.duties.dispatch_all()
 
     def run(self) -> None:
         log.info("scheduler starting", scheduler=self.me, redis=self.settings.redis_url)
@@ -54,23 +69,25 @@ class Scheduler:
                 target=self.recorder.run, args=(self.stop_event,), name="recorder", daemon=True
             )
             self._recorder_thread.start()
+        s = self.settings
         periodic = [
             Every(0.05, self.duties.promote_due),
+            Every(0.5, self.settler.expire_stale),
+            Every(1.0, self.cron.fire_due),
             Every(5.0, self.duties.reclaim_submissions),
-            Every(self.settings.reap_interval_s, self.duties.reap),
+            Every(5.0, self.settler.recover),
+            Every(s.reap_interval_s, self.duties.reap),
         ]
-        ready = False
-        backoff = 0.1
+        ready, backoff = False, 0.1
         while not self.stop_event.is_set():
             try:
                 if not ready:
                     self.duties.ensure_groups()
                     ready = True
-                self.duties.admit()
+                self.step()
                 now = monotonic()
-                for job in periodic:
-                    job.tick(now)
-                self.duties.dispatch_all()
+                for duty in periodic:
+                    duty.tick(now)
                 backoff = 0.1
             except redis.RedisError as exc:
                 log.warning("redis error; retrying", error=str(exc), retry_in=backoff)
@@ -82,4 +99,3 @@ class Scheduler:
 
     def stop(self) -> None:
         self.stop_event.set()
-

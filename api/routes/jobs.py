@@ -19,8 +19,10 @@ from starlette.concurrency import run_in_threadpool
 from api.auth import Principal
 from api.body import SUBMIT_OPENAPI, read_submissions
 from api.deps import AppState, PrincipalDep, StateDep
+from api.validate import check_submissions
+from api.waits import wait_detail
 from common import scripts as sc
-from common.errors import Conflict, JobNotFound
+from common.errors import Conflict, JobNotFound, LimitExceeded
 from common.jobs import hash_from_record, job_from_hash, new_job_id, submission_fields
 from common.models import ErrorResponse, Job, JobBatch, JobPage, JobSubmission, State
 from common.tables import JobRecord
@@ -88,19 +90,35 @@ async def _read_existing(ctx: AppState, ids: list[str]) -> dict[str, Job]:
     return found
 
 
+def _refused(replies: list[Any], planned: list[tuple[str, Any]]) -> None:
+    """A limit submit.lua enforced (a race past the pre-check): 429 naming it, with the
+    ids of the jobs of this request that were accepted all the same."""
+    refused = [r for r in replies if int(r[0]) < 0]
+    if not refused:
+        return
+    accepted = [job_id for (job_id, _), r in zip(planned, replies, strict=True) if int(r[0]) >= 0]
+    code, count = int(refused[0][0]), int(refused[0][1])
+    limit = "max_active_per_user" if code == -4 else "max_queue_size"
+    raise LimitExceeded(f"{limit}: over the limit ({count} now)",
+                        {"limit": limit, "count": count, "accepted": accepted})
+
+
 async def submit_all(ctx: AppState, owner: str, subs: list[JobSubmission]) -> list[Job]:
     """Write every job in one non-transactional pipeline; answer once Redis replied."""
+    s = ctx.settings
     pipe = ctx.redis.pipeline(transaction=False)
     planned: list[tuple[str, dict[str, Any]]] = []
     for sub in subs:
-        job_id, fields = new_job_id(), submission_fields(sub)
+        job_id, fields = new_job_id(), submission_fields(sub, s.stale_after_s)
         call = sc.submit(
-            ctx.keys, job_id, owner, fields,
-            events_maxlen=ctx.settings.events_maxlen, idempotency_key=sub.idempotency_key,
+            ctx.keys, job_id, owner, fields, events_maxlen=s.events_maxlen,
+            idempotency_key=sub.idempotency_key, max_active=s.max_active_per_user,
+            max_queue=s.max_queue_size,
         )
         await ctx.scripts.run(call, pipe)  # queues the EVALSHA on the pipeline
         planned.append((job_id, fields))
     replies = await pipe.execute()
+    _refused(replies, planned)
     existing = [str(rid) for accepted, rid, _ in replies if int(accepted) != 1]
     deduped = await _read_existing(ctx, existing) if existing else {}
     jobs = [
@@ -124,6 +142,7 @@ async def submit_jobs(request: Request, ctx: StateDep, principal: PrincipalDep) 
     subs, batch = await read_submissions(
         request, max_bytes=ctx.settings.max_body_bytes, max_batch=ctx.settings.max_batch
     )
+    await check_submissions(ctx, principal, subs, batch)
     jobs = await submit_all(ctx, principal.user, subs)
     return JobBatch(jobs=jobs) if batch else jobs[0]
 
@@ -198,18 +217,22 @@ async def list_jobs(
 
 @router.get("/{job_id}", response_model=Job, summary="One job", responses=ERRORS)
 async def get_job(job_id: str, ctx: StateDep, principal: PrincipalDep) -> Job:
-    return await visible_job(ctx, principal, job_id)
+    job = await visible_job(ctx, principal, job_id)
+    detail = await wait_detail(ctx, job)
+    return job.model_copy(update={"wait_detail": detail}) if detail else job
 
 
 async def _cancel(ctx: AppState, principal: Principal, job_id: str) -> Any:
-    owner, queue, state = await ctx.redis.hmget(ctx.keys.job(job_id), ["owner", "queue", "state"])
+    owner, queue, state, host = await ctx.redis.hmget(
+        ctx.keys.job(job_id), ["owner", "queue", "state", "host"]
+    )
     if state is None:  # only in the mirror (or nowhere): finished long ago
         job = await visible_job(ctx, principal, job_id)
         raise Conflict(f"job {job_id} already finished ({job.state})")
     if not principal.may_see(owner or ""):
         raise JobNotFound(f"job {job_id} not found")
     call = sc.cancel(
-        ctx.keys, job_id, queue or "default", by=principal.user,
+        ctx.keys, job_id, queue or "default", host=host or None, by=principal.user,
         events_maxlen=ctx.settings.events_maxlen, ttl_s=ctx.settings.job_ttl_s,
     )
     return await ctx.scripts.run(call)
@@ -233,3 +256,20 @@ async def cancel_job(job_id: str, ctx: StateDep, principal: PrincipalDep) -> Job
         raise Conflict(f"job {job_id} already finished ({job.state})", {"state": job.state})
     log.info("job_cancel", result=result, by=principal.user)
     return job
+
+
+@router.post(
+    "/{job_id}/retry", status_code=202, response_model=Job,
+    summary="Run a finished job again (a new attempt of the same job)",
+    responses=error_docs(401, 404, 409, 503),
+)
+async def retry_job(job_id: str, ctx: StateDep, principal: PrincipalDep) -> Job:
+    job = await visible_job(ctx, principal, job_id)
+    if not await ctx.redis.exists(ctx.keys.job(job_id)):
+        raise Conflict(f"job {job_id} is only in the history now; submit it again instead")
+    result = await ctx.scripts.run(sc.retry(ctx.keys, job_id, job.owner, by=principal.user,
+                                            events_maxlen=ctx.settings.events_maxlen))
+    if result == -1:
+        raise Conflict(f"job {job_id} has not finished ({job.state})", {"state": job.state})
+    log.info("job_retry", by=principal.user)
+    return await visible_job(ctx, principal, job_id)

@@ -1,6 +1,7 @@
 -- _lib.lua: helpers prepended to every script by common/scripts.py (not a script itself).
 -- Time always comes from Redis (TIME), never from the caller: leases, delays and
 -- timestamps stay right when a client's clock is off (RELIABILITY.md finding 8).
+-- Every key a helper touches is passed in by the script, which got it in KEYS.
 
 local function now_ms()
   local t = redis.call('TIME')
@@ -22,4 +23,58 @@ end
 
 local function is_terminal(state)
   return state == 'completed' or state == 'failed' or state == 'cancelled' or state == 'expired'
+end
+
+-- Put an admitted job where it waits, and return its wait reason:
+--   the delayed set while its start time is in the future ('scheduled_at');
+--   behind its host's holder, in submission order ('host:<name>');
+--   else its queue, by score = base ms + level x step ('priority').
+-- A job that already holds its host (a retry, or a waiter just granted) goes to its queue.
+-- k = {job, queue, delayed, host, hostwait, hosts}: keys, all from the script's KEYS.
+local function enqueue(k, id, now, step, base)
+  local h = redis.call('HMGET', k.job, 'priority', 'scheduled_at', 'host', 'sub_seq')
+  local due = tonumber(h[2])
+  if due and due > now then
+    redis.call('ZADD', k.delayed, due, id)
+    redis.call('HSET', k.job, 'state', 'queued', 'wait_reason', 'scheduled_at')
+    return 'scheduled_at'
+  end
+  local score = base + (tonumber(h[1]) or 2) * step
+  redis.call('HSET', k.job, 'score', score)
+  local host = h[3]
+  if host and host ~= '' then
+    redis.call('SADD', k.hosts, host)
+    local holder = redis.call('GET', k.host)
+    if holder ~= id then
+      if holder or redis.call('ZCARD', k.hostwait) > 0 then
+        redis.call('ZADD', k.hostwait, tonumber(h[4]) or now, id)
+        local reason = 'host:' .. host
+        redis.call('HSET', k.job, 'state', 'queued', 'wait_reason', reason)
+        return reason
+      end
+      redis.call('SET', k.host, id)
+    end
+  end
+  redis.call('ZADD', k.queue, score, id)
+  redis.call('HSET', k.job, 'state', 'queued', 'wait_reason', 'priority')
+  return 'priority'
+end
+
+-- Give back what a dispatched or running job held in the resource ledger.
+local function release_resources(job, ledger)
+  local r = redis.call('HMGET', job, 'res_cpu', 'res_mem', 'res_gpu', 'res_held')
+  if r[4] == '1' then
+    redis.call('HINCRBYFLOAT', ledger, 'cpu', -(tonumber(r[1]) or 0))
+    redis.call('HINCRBY', ledger, 'memory_mb', -(tonumber(r[2]) or 0))
+    redis.call('HINCRBY', ledger, 'gpu', -(tonumber(r[3]) or 0))
+    redis.call('HSET', job, 'res_held', '0')
+  end
+end
+
+-- A job reached a terminal state: queue its follow-up for the schedulers (hand its host
+-- to the next waiter, resolve its dependents, count it off its owner's active jobs).
+local function settle(stream, job, id, state)
+  local h = redis.call('HMGET', job, 'owner', 'host')
+  redis.call('XADD', stream, '*', 'id', id, 'state', state, 'owner', h[1] or '',
+             'host', h[2] or '')
 end

@@ -1,47 +1,47 @@
--- admit.lua: move a batch of submitted jobs from `pending` into their queue (or the
--- delayed set for a future start), and acknowledge their submission entries.
--- Admission is idempotent: a job that is no longer pending is only acknowledged,
--- so a scheduler killed between reading and admitting leaves nothing half done.
+-- admit.lua: move a batch of submitted jobs without dependencies from `pending` to where
+-- they wait (their queue, behind their host's holder, or the delayed set), and
+-- acknowledge their submission entries. Idempotent: a job that is no longer pending is
+-- only acknowledged, so a scheduler killed between reading and admitting leaves nothing
+-- half done. (Jobs with dependencies are admitted by depend.lua.)
 --
 -- KEYS[1] submissions stream  {tidal}:submissions
 -- KEYS[2] events stream       {tidal}:events
 -- KEYS[3] delayed zset        {tidal}:delayed
 -- KEYS[4] queue-names set     {tidal}:queues
--- KEYS[5 + 2(i-1)] job hash of the i-th entry
--- KEYS[6 + 2(i-1)] queue zset of the i-th job
+-- KEYS[5] host-names set      {tidal}:hosts
+-- KEYS[6] stale zset          {tidal}:stale
+-- per job i (stride 4, from KEYS[7]): job hash, queue zset, host string, hostwait zset
+--   (for a job without a host, any key may stand in for the last two: they are unused)
 -- ARGV[1] consumer group
 -- ARGV[2] events MAXLEN
 -- ARGV[3] priority step in ms
 -- ARGV[4] scheduler id (who made the change)
--- ARGV[5 + 2(i-1)] submissions entry id of the i-th job
--- ARGV[6 + 2(i-1)] queue name of the i-th job
+-- per job i (stride 2, from ARGV[5]): submissions entry id, queue name
 -- Returns the number of jobs admitted.
 
-local subs, events, delayed, queues = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local subs, events, delayed, queues, hosts, stale = KEYS[1], KEYS[2], KEYS[3], KEYS[4],
+  KEYS[5], KEYS[6]
 local group, maxlen, step, by = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
 local now = now_ms()
 local admitted = 0
 
-for i = 1, (#KEYS - 4) / 2 do
-  local job, queue = KEYS[3 + 2 * i], KEYS[4 + 2 * i]
-  local entry, qname = ARGV[3 + 2 * i], ARGV[4 + 2 * i]
+for i = 0, (#KEYS - 6) / 4 - 1 do
+  local k = {job = KEYS[7 + 4 * i], queue = KEYS[8 + 4 * i], host = KEYS[9 + 4 * i],
+             hostwait = KEYS[10 + 4 * i], delayed = delayed, hosts = hosts}
+  local entry, qname = ARGV[5 + 2 * i], ARGV[6 + 2 * i]
   redis.call('XACK', subs, group, entry)
   redis.call('XDEL', subs, entry)
-  local h = redis.call('HMGET', job, 'state', 'id', 'created_at', 'priority', 'scheduled_at')
+  local h = redis.call('HMGET', k.job, 'state', 'id', 'created_at', 'stale_after', 'scheduled_at')
   if h[1] == 'pending' then
-    local id, created, level, due = h[2], tonumber(h[3]), tonumber(h[4]) or 2, tonumber(h[5])
     redis.call('SADD', queues, qname)
-    if due and due > now then
-      redis.call('ZADD', delayed, due, id)
-      redis.call('HSET', job, 'state', 'queued', 'wait_reason', 'scheduled_at', 'admitted_at', now)
-      emit(events, maxlen, job, id, 'queued', now, by, {'wait_reason', 'scheduled_at'})
-    else
-      local score = created + level * step
-      redis.call('ZADD', queue, score, id)
-      redis.call('HSET', job, 'state', 'queued', 'wait_reason', 'priority', 'admitted_at', now,
-                 'score', score)
-      emit(events, maxlen, job, id, 'queued', now, by, {'wait_reason', 'priority'})
+    local created = tonumber(h[3]) or now
+    local reason = enqueue(k, h[2], now, step, created)
+    if tonumber(h[4]) then
+      local from = math.max(created, tonumber(h[5]) or 0)
+      redis.call('ZADD', stale, from + tonumber(h[4]), h[2])
     end
+    redis.call('HSET', k.job, 'admitted_at', now)
+    emit(events, maxlen, k.job, h[2], 'queued', now, by, {'wait_reason', reason})
     admitted = admitted + 1
   end
 end

@@ -8,6 +8,10 @@
 -- KEYS[4] dispatch stream     {tidal}:dispatch:<queue>
 -- KEYS[5] events stream       {tidal}:events
 -- KEYS[6] log stream          {tidal}:log:<id>
+-- KEYS[7] hostwait zset       {tidal}:hostwait:<host> (any key when the job has no host)
+-- KEYS[8] stale zset          {tidal}:stale
+-- KEYS[9] ledger hash         {tidal}:ledger
+-- KEYS[10] settle stream      {tidal}:settle
 -- ARGV[1] who cancels
 -- ARGV[2] events MAXLEN
 -- ARGV[3] TTL in seconds for the finished job's hash and log
@@ -17,9 +21,10 @@
 --   -1 already finished, -3 no such job.
 
 local job, queue, delayed, stream, events, log = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local hostwait, stale, ledger, settle_stream = KEYS[7], KEYS[8], KEYS[9], KEYS[10]
 local by, maxlen, ttl, chan, group = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5]
 
-local h = redis.call('HMGET', job, 'state', 'id', 'dispatch_id', 'worker')
+local h = redis.call('HMGET', job, 'state', 'id', 'dispatch_id', 'worker', 'host')
 local state, id = h[1], h[2]
 if not state then return -3 end
 if is_terminal(state) then return -1 end
@@ -33,13 +38,17 @@ end
 
 redis.call('ZREM', queue, id)
 redis.call('ZREM', delayed, id)
+redis.call('ZREM', stale, id)
+if h[5] and h[5] ~= '' then redis.call('ZREM', hostwait, id) end
 if state == 'dispatched' and h[3] and h[3] ~= '' then
   redis.call('XACK', stream, group, h[3])
   redis.call('XDEL', stream, h[3])
+  release_resources(job, ledger)
 end
 redis.call('HSET', job, 'state', 'cancelled', 'finished_at', now, 'reason', 'cancelled',
            'wait_reason', '', 'dispatch_id', '')
 emit(events, maxlen, job, id, 'cancelled', now, by, {'reason', 'cancelled'})
+settle(settle_stream, job, id, 'cancelled')
 redis.call('EXPIRE', job, ttl)
 redis.call('EXPIRE', log, ttl)
 return 'cancelled'

@@ -1,14 +1,18 @@
 -- finish.lua: end one attempt with all its side effects at once: acknowledge and delete
--- the dispatch entry, then either schedule a retry (state retrying, in the delayed set)
--- or record the terminal state and let the job's keys expire. Fenced: only the attempt
--- that holds the current dispatch entry may finish (a stale worker's XACK would
--- otherwise drop the live attempt's entry: RELIABILITY.md finding 1).
+-- the dispatch entry, give back its resources, then either schedule a retry (state
+-- retrying, in the delayed set; a job keeps its host meanwhile) or record the terminal
+-- state, let the job's keys expire and queue its follow-up (host hand-off, dependents)
+-- on the settle stream. Fenced: only the attempt that holds the current dispatch entry
+-- may finish (a stale worker's XACK would otherwise drop the live attempt's entry:
+-- RELIABILITY.md finding 1).
 --
 -- KEYS[1] job hash            {tidal}:job:<id>
 -- KEYS[2] dispatch stream     {tidal}:dispatch:<queue>
 -- KEYS[3] events stream       {tidal}:events
 -- KEYS[4] delayed zset        {tidal}:delayed
 -- KEYS[5] log stream          {tidal}:log:<id>
+-- KEYS[6] ledger hash         {tidal}:ledger
+-- KEYS[7] settle stream       {tidal}:settle
 -- ARGV[1] fencing token (the dispatch entry id)
 -- ARGV[2] consumer group
 -- ARGV[3] outcome: completed | failed | cancelled
@@ -23,23 +27,25 @@
 -- Returns the state written (completed, failed, cancelled, retrying), or
 --   -1 stale token (another attempt owns the job), -2 job not running, -3 no such job.
 
-local job, stream, events, delayed, log = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local job, stream, events, delayed, log, ledger, settle_stream = KEYS[1], KEYS[2], KEYS[3],
+  KEYS[4], KEYS[5], KEYS[6], KEYS[7]
 local token, group, outcome = ARGV[1], ARGV[2], ARGV[3]
 local exit_code, result, err, reason = ARGV[4], ARGV[5], ARGV[6], ARGV[7]
 local maxlen, ttl, retry_ms, worker = ARGV[8], tonumber(ARGV[9]), tonumber(ARGV[10]), ARGV[11]
 
 local h = redis.call('HMGET', job, 'state', 'dispatch_id', 'id', 'attempt', 'retries', 'cancel',
-                     'lost')
+                     'lost', 'retry_base')
 if not h[1] then return -3 end
 if h[2] ~= token then return -1 end
 if h[1] ~= 'running' then return -2 end
 
 redis.call('XACK', stream, group, token)
 redis.call('XDEL', stream, token)
+release_resources(job, ledger)
 local now = now_ms()
 local id, attempt, retries = h[3], tonumber(h[4]) or 1, tonumber(h[5]) or 0
--- attempts lost with their worker do not spend a retry
-local spent = attempt - (tonumber(h[7]) or 0)
+-- attempts lost with their worker, and those before a manual retry, spend no retry
+local spent = attempt - (tonumber(h[7]) or 0) - (tonumber(h[8]) or 0)
 if h[6] == '1' then outcome = 'cancelled'; reason = 'cancelled' end
 
 local fields = {'exit_code', exit_code, 'result', result, 'error', err, 'reason', reason,
@@ -57,6 +63,7 @@ end
 redis.call('HSET', job, 'state', outcome, 'finished_at', now, 'wait_reason', '', unpack(fields))
 emit(events, maxlen, job, id, outcome, now, worker,
      {'attempt', attempt, 'exit_code', exit_code, 'reason', reason})
+settle(settle_stream, job, id, outcome)
 redis.call('EXPIRE', job, ttl)
 redis.call('EXPIRE', log, ttl)
 return outcome

@@ -6,7 +6,9 @@
 -- KEYS[1] dispatch stream     {tidal}:dispatch:<queue>
 -- KEYS[2] queue zset          {tidal}:queue:<queue>
 -- KEYS[3] events stream       {tidal}:events
--- KEYS[3 + i] job hash of the i-th entry
+-- KEYS[4] ledger hash         {tidal}:ledger
+-- KEYS[5] settle stream       {tidal}:settle
+-- KEYS[5 + i] job hash of the i-th entry
 -- ARGV[1] consumer group of the dispatch stream
 -- ARGV[2] events MAXLEN
 -- ARGV[3] max deliveries (a job lost more often fails with reason 'poison')
@@ -15,19 +17,20 @@
 -- ARGV[5 + i] dispatch entry id of the i-th job
 -- Returns {requeued, ended} (ended: failed as poison, or cancelled while its worker died).
 
-local stream, queue, events = KEYS[1], KEYS[2], KEYS[3]
+local stream, queue, events, ledger, settle_stream = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local group, maxlen, max_deliveries, ttl, by = ARGV[1], ARGV[2], tonumber(ARGV[3]),
   tonumber(ARGV[4]), ARGV[5]
 local now = now_ms()
 local requeued, failed = 0, 0
 
-for i = 1, #KEYS - 3 do
-  local job, entry = KEYS[3 + i], ARGV[5 + i]
+for i = 1, #KEYS - 5 do
+  local job, entry = KEYS[5 + i], ARGV[5 + i]
   redis.call('XACK', stream, group, entry)
   redis.call('XDEL', stream, entry)
   local h = redis.call('HMGET', job, 'state', 'dispatch_id', 'id', 'score', 'lost', 'worker',
                        'cancel')
   if (h[1] == 'running' or h[1] == 'dispatched') and h[2] == entry then
+    release_resources(job, ledger)
     local lost = tonumber(h[5]) or 0
     if h[1] == 'running' then lost = redis.call('HINCRBY', job, 'lost', 1) end
     local final, reason = nil, nil
@@ -38,6 +41,7 @@ for i = 1, #KEYS - 3 do
                  'error', reason == 'poison' and 'lost with its worker too many times' or '',
                  'dispatch_id', '')
       emit(events, maxlen, job, h[3], final, now, by, {'reason', reason, 'lost', lost})
+      settle(settle_stream, job, h[3], final)
       redis.call('EXPIRE', job, ttl)
       failed = failed + 1
     else

@@ -28,11 +28,8 @@ def _submit(r: redis.Redis, s: sc.Scripts, keys: Keys, **kw: object) -> str:
 def _admit_all(r: redis.Redis, s: sc.Scripts, keys: Keys) -> int:
     ensure_group(r, keys.submissions(), GROUP_SCHEDULERS)
     got = r.xreadgroup(GROUP_SCHEDULERS, "s1", {keys.submissions(): ">"}, count=100)
-    entries = []
-    for _stream, items in got:
-        for entry_id, fields in items:
-            queue = r.hget(keys.job(fields["id"]), "queue")
-            entries.append((entry_id, fields["id"], queue))
+    entries = [sc.Admission(entry_id, f["id"], f["q"], f["h"] or None)
+               for _stream, items in got for entry_id, f in items]
     if not entries:
         return 0
     return int(s.run(sc.admit(keys, entries, events_maxlen=MAXLEN, priority_step_ms=STEP_MS,
@@ -59,20 +56,21 @@ def test_priority_orders_queue_and_dispatch_respects_capacity(r: redis.Redis, ke
     assert order == [crit, norm, low]
     assert r.xlen(keys.submissions()) == 0  # acknowledged and deleted
 
-    sent = s.run(sc.dispatch(keys, "default", order, capacity=2, events_maxlen=MAXLEN, by="s1"))
-    assert sent == 2
+    sent = s.run(sc.dispatch(keys, "default", order, capacity=sc.Capacity(2), events_maxlen=MAXLEN,
+                             by="s1"))
+    assert sent == [2, 0]
     assert r.xlen(keys.dispatch("default")) == 2
     assert r.zrange(keys.queue("default"), 0, -1) == [low]
     # no free slot left: nothing more goes out
-    assert s.run(sc.dispatch(keys, "default", [low], capacity=2, events_maxlen=MAXLEN,
-                             by="s1")) == 0
+    assert s.run(sc.dispatch(keys, "default", [low], capacity=sc.Capacity(2),
+                             events_maxlen=MAXLEN, by="s1")) == [0, 0]
 
 
 def test_start_finish_and_fencing(r: redis.Redis, keys: Keys) -> None:
     s = sc.Scripts(r)
     job = _submit(r, s, keys)
     _admit_all(r, s, keys)
-    s.run(sc.dispatch(keys, "default", [job], capacity=1, events_maxlen=MAXLEN, by="s1"))
+    s.run(sc.dispatch(keys, "default", [job], capacity=sc.Capacity(1), events_maxlen=MAXLEN, by="s1"))
     ensure_group(r, keys.dispatch("default"), GROUP_WORKERS)
     [(_, items)] = r.xreadgroup(GROUP_WORKERS, "w1", {keys.dispatch("default"): ">"}, count=10)
     entry, fields = items[0]
@@ -99,7 +97,7 @@ def test_failed_attempt_with_retries_goes_to_delayed_then_back(r: redis.Redis, k
     s = sc.Scripts(r)
     job = _submit(r, s, keys, retries=1)
     _admit_all(r, s, keys)
-    s.run(sc.dispatch(keys, "default", [job], capacity=1, events_maxlen=MAXLEN, by="s1"))
+    s.run(sc.dispatch(keys, "default", [job], capacity=sc.Capacity(1), events_maxlen=MAXLEN, by="s1"))
     ensure_group(r, keys.dispatch("default"), GROUP_WORKERS)
     [(_, items)] = r.xreadgroup(GROUP_WORKERS, "w1", {keys.dispatch("default"): ">"}, count=1)
     entry = items[0][0]
@@ -108,7 +106,7 @@ def test_failed_attempt_with_retries_goes_to_delayed_then_back(r: redis.Redis, k
                           worker="w1", retry_delay_ms=0, events_maxlen=MAXLEN, ttl_s=60))
     assert out == "retrying"
     assert r.zscore(keys.delayed(), job) is not None
-    assert s.run(sc.promote_due(keys, [(job, "default")], events_maxlen=MAXLEN,
+    assert s.run(sc.promote_due(keys, [(job, "default", None)], events_maxlen=MAXLEN,
                                 priority_step_ms=STEP_MS, by="s1")) == 1
     assert r.zrange(keys.queue("default"), 0, -1) == [job]
     assert r.hget(keys.job(job), "state") == "queued"
@@ -123,7 +121,7 @@ def test_cancel_in_each_state(r: redis.Redis, keys: Keys) -> None:
     def cancel(job: str) -> object:
         return s.run(sc.cancel(keys, job, "default", by="alice", events_maxlen=MAXLEN, ttl_s=60))
 
-    s.run(sc.dispatch(keys, "default", [running], capacity=1, events_maxlen=MAXLEN, by="s1"))
+    s.run(sc.dispatch(keys, "default", [running], capacity=sc.Capacity(1), events_maxlen=MAXLEN, by="s1"))
     ensure_group(r, keys.dispatch("default"), GROUP_WORKERS)
     [(_, items)] = r.xreadgroup(GROUP_WORKERS, "w1", {keys.dispatch("default"): ">"}, count=1)
     token = items[0][0]

@@ -27,14 +27,24 @@ def test_no_module_but_keys_py_spells_a_key() -> None:
     assert offenders == []
 
 
-def test_lua_scripts_never_build_key_names() -> None:
-    for name in SCRIPT_NAMES:
-        body = (REPO / "common" / "lua" / f"{name}.lua").read_text()
-        code = "\n".join(line for line in body.splitlines() if not line.lstrip().startswith("--"))
-        # concatenation is only allowed for the pub/sub channel (channels are not keys)
-        for line in code.splitlines():
-            if ".." in line:
-                assert "PUBLISH" in line, f"{name}.lua builds a string: {line.strip()}"
+CALL = re.compile(r"redis\.call\('(\w+)'\s*,\s*([^,)]+)")
+KEYLESS = {"TIME", "PUBLISH"}  # TIME takes no key; a pub/sub channel is not a key
+KEY_VARIABLE = re.compile(r"^(KEYS\[[^\]]+\]|[a-z_][a-z_0-9]*(\.[a-z_]+)?)$")
+
+
+def test_lua_scripts_take_every_key_from_keys() -> None:
+    """The key argument of every redis.call is a variable bound from KEYS (or a helper's
+    parameter), never a string built inside Lua: that would break Redis Cluster."""
+    for path in sorted((REPO / "common" / "lua").glob("*.lua")):
+        code = "\n".join(line.split("--")[0] for line in path.read_text().splitlines())
+        bound = set(re.findall(r"local\s+([\w\s,]+?)\s*=\s*KEYS", code))
+        for command, arg in CALL.findall(code):
+            if command in KEYLESS:
+                continue
+            arg = arg.strip()
+            assert KEY_VARIABLE.match(arg), f"{path.name}: {command} {arg}"
+            assert not arg.startswith(("'", '"')), f"{path.name}: {command} on a literal"
+        assert bound or path.name == "_lib.lua", f"{path.name} binds no KEYS"
 
 
 def test_every_script_loads_with_its_library() -> None:

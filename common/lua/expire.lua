@@ -1,0 +1,35 @@
+-- expire.lua: queued jobs that waited longer than their stale_after end as `expired`
+-- (reason stale) and are settled (their host handed on, their dependents told).
+-- Due-ness is decided by Redis' clock; the caller proposes candidates.
+--
+-- KEYS[1] events stream, KEYS[2] settle stream, KEYS[3] stale zset, KEYS[4] delayed zset
+-- per candidate i (stride 3, from KEYS[5]): job hash, queue zset, hostwait zset
+-- ARGV[1] events MAXLEN, ARGV[2] TTL s of a finished job, ARGV[3] scheduler id
+-- ARGV[3 + i] job id of the i-th candidate
+-- Returns the number of jobs expired.
+
+local events, settle_stream, stale, delayed = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local maxlen, ttl, by = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local now = now_ms()
+local expired = 0
+
+for i = 0, (#KEYS - 4) / 3 - 1 do
+  local job, queue, hostwait = KEYS[5 + 3 * i], KEYS[6 + 3 * i], KEYS[7 + 3 * i]
+  local id = ARGV[4 + i]
+  local deadline = tonumber(redis.call('ZSCORE', stale, id))
+  if deadline and deadline <= now then
+    redis.call('ZREM', stale, id)
+    if redis.call('HGET', job, 'state') == 'queued' then
+      redis.call('ZREM', queue, id)
+      redis.call('ZREM', hostwait, id)
+      redis.call('ZREM', delayed, id)
+      redis.call('HSET', job, 'state', 'expired', 'finished_at', now, 'reason', 'stale',
+                 'error', 'waited longer than its stale_after', 'wait_reason', '')
+      emit(events, maxlen, job, id, 'expired', now, by, {'reason', 'stale'})
+      settle(settle_stream, job, id, 'expired')
+      redis.call('EXPIRE', job, ttl)
+      expired = expired + 1
+    end
+  end
+end
+return expired
