@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 import orjson
 from fastapi import APIRouter, Response
 
@@ -9,7 +11,6 @@ from api.auth import Principal
 from api.deps import AppState, PrincipalDep, StateDep
 from api.routes.jobs import error_docs
 from api.validate import check_resources
-from common.clock import ms_to_iso
 from common.cron import Schedule, ScheduleCreate, next_fire_ms
 from common.errors import Conflict, JobNotFound
 
@@ -22,9 +23,8 @@ async def _read(ctx: AppState, name: str) -> Schedule | None:
         return None
     schedule = Schedule.model_validate(orjson.loads(raw))
     nxt = await ctx.redis.zscore(ctx.keys.cron(), name)
-    return schedule.model_copy(
-        update={"next_fire_at": ms_to_iso(int(nxt)) if nxt is not None else None}
-    )
+    when = datetime.fromtimestamp(nxt / 1000, tz=UTC) if nxt is not None else None
+    return schedule.model_copy(update={"next_fire_at": when})
 
 
 async def _visible(ctx: AppState, principal: Principal, name: str) -> Schedule:
