@@ -9,7 +9,10 @@ HTTP commands start fast.
 from __future__ import annotations
 
 import os
+import re
 import sys
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Annotated, Any
 
 import click
@@ -20,20 +23,36 @@ from typer.core import TyperGroup
 
 from cli import output
 from cli.options import (
+    AfterOpt,
     AllowModuleOpt,
+    CommandArg,
     ConcurrencyOpt,
+    CpuOpt,
+    CwdOpt,
     DataDirOpt,
+    EnvOpt,
     FollowOpt,
+    GpuOpt,
     HostFilterOpt,
     HostOpt,
+    IdempotencyOpt,
     JobIdArg,
     JsonOpt,
+    MemoryOpt,
     OwnerOpt,
     PortOpt,
-    PriorityChoice,
+    PriorityOpt,
+    PythonOpt,
     QueueFilterOpt,
+    QueueOpt,
     RedisUrlOpt,
+    RetriesOpt,
+    ShellOpt,
+    StaleAfterOpt,
     StateOpt,
+    TagOpt,
+    TargetHostOpt,
+    TimeoutOpt,
     TokenOpt,
     UrlOpt,
 )
@@ -177,48 +196,103 @@ def _follow(client: Client, job_id: str, as_json: bool) -> int:
     return exit_code_for(final)
 
 
+@dataclass
+class JobOptions:
+    """The job options `submit` and `cron add` share, turned into a submission."""
+
+    queue: str | None = None
+    priority: str | None = None
+    timeout: float | None = None
+    retries: int | None = None
+    host: str | None = None
+    env: list[str] | None = None
+    cwd: str | None = None
+    tag: list[str] | None = None
+    idempotency_key: str | None = None
+    after: list[str] | None = None
+    cpu: float | None = None
+    memory: int | None = None
+    gpu: int | None = None
+    stale_after: float | None = None
+
+    def submission(self, command: list[str], shell: bool, python: bool) -> dict[str, Any]:
+        options = {
+            "queue": self.queue, "priority": self.priority, "timeout": self.timeout,
+            "retries": self.retries, "host": self.host, "cwd": self.cwd,
+            "idempotency_key": self.idempotency_key, "stale_after": self.stale_after,
+            "env": _pairs(self.env, "--env", from_env=True) or None,
+            "tags": _pairs(self.tag, "--tag") or None,
+            "depends_on": [_dependency(a) for a in self.after or []] or None,
+            "resources": {k: v for k, v in (("cpu", self.cpu), ("memory_mb", self.memory),
+                                             ("gpu", self.gpu)) if v is not None} or None,
+        }
+        return _work(command, shell, python) | {k: v for k, v in options.items() if v is not None}
+
+
+def _dependency(text: str) -> dict[str, str]:
+    job_id, _, on = text.partition(":")
+    if on and on not in ("success", "failure", "any"):
+        raise typer.BadParameter(f"{text!r}: after ':' comes success, failure or any",
+                                 param_hint="--after")
+    return {"id": job_id, "on": on or "success"}
+
+
+def _start_time(at: str | None, in_: str | None) -> str | None:
+    """--at TIME (ISO 8601, or HH:MM today/tomorrow in UTC) or --in DURATION (90s, 10m, 2h,
+    1d) as an ISO 8601 UTC time."""
+    if at and in_:
+        raise typer.BadParameter("give --at or --in, not both", param_hint="--at")
+    now = datetime.now(UTC)
+    if in_:
+        return (now + timedelta(seconds=parse_duration(in_))).isoformat()
+    if not at:
+        return None
+    if re.fullmatch(r"\d{1,2}:\d{2}", at):
+        hour, minute = map(int, at.split(":"))
+        when = now.replace(hour=hour, minute=minute, second=0, microsecond=0)
+        return (when if when > now else when + timedelta(days=1)).isoformat()
+    try:
+        when = datetime.fromisoformat(at.replace("Z", "+00:00"))
+    except ValueError as exc:
+        raise typer.BadParameter(f"{at!r} is not an ISO 8601 time or HH:MM",
+                                 param_hint="--at") from exc
+    return (when if when.tzinfo else when.replace(tzinfo=UTC)).isoformat()
+
+
+def parse_duration(text: str) -> float:
+    """'90', '90s', '10m', '2h', '1d' → seconds."""
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd]?)", text.strip())
+    if not m:
+        raise typer.BadParameter(f"{text!r} is not a duration like 90s, 10m, 2h or 1d",
+                                 param_hint="--in")
+    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+
+
 @app.command(context_settings={"allow_interspersed_args": False})
 def submit(
-    command: Annotated[
-        list[str],
-        typer.Argument(
-            metavar="CMD", show_default=False,
-            help="The command, after `--`: an argv; with --shell, one /bin/sh -c string; with "
-            "--python, module:function then arguments (JSON where they parse; name=value for "
-            "keyword arguments).",
-        ),
-    ],
-    queue: Annotated[str | None, typer.Option("--queue", "-q", help="Queue [default]")] = None,
-    priority: Annotated[
-        PriorityChoice | None,
-        typer.Option("--priority", "-p", case_sensitive=False, help="Priority [normal]"),
-    ] = None,
-    timeout: Annotated[
-        float | None, typer.Option("--timeout", metavar="SECONDS", help="Kill it after this.")
-    ] = None,
-    retries: Annotated[
-        int | None, typer.Option("--retries", min=0, help="Further attempts after a failure.")
-    ] = None,
-    host: Annotated[
-        str | None, typer.Option("--host", help="Target host: one job per host at a time.")
-    ] = None,
-    env: Annotated[
-        list[str] | None,
-        typer.Option("--env", "-e", metavar="K=V", help="Environment variable (repeat; a bare "
-                     "K copies it from this shell)."),
-    ] = None,
-    cwd: Annotated[str | None, typer.Option("--cwd", metavar="DIR", help="Working dir.")] = None,
-    tag: Annotated[
-        list[str] | None, typer.Option("--tag", "-t", metavar="K=V", help="Tag (repeat).")
-    ] = None,
-    idempotency_key: Annotated[
-        str | None,
-        typer.Option("--idempotency-key", metavar="KEY", help="Submit at most once per key."),
-    ] = None,
-    shell: Annotated[bool, typer.Option("--shell", help="Run the words via /bin/sh -c.")] = False,
-    python: Annotated[
-        bool, typer.Option("--python", help="A python job: module:function [ARGS...].")
-    ] = False,
+    command: CommandArg,
+    queue: QueueOpt = None,
+    priority: PriorityOpt = None,
+    timeout: TimeoutOpt = None,
+    retries: RetriesOpt = None,
+    host: TargetHostOpt = None,
+    env: EnvOpt = None,
+    cwd: CwdOpt = None,
+    tag: TagOpt = None,
+    idempotency_key: IdempotencyOpt = None,
+    after: AfterOpt = None,
+    at: Annotated[str | None, typer.Option(
+        "--at", metavar="TIME", rich_help_panel="Job",
+        help="Start at this time (ISO 8601, or HH:MM in UTC).")] = None,
+    in_: Annotated[str | None, typer.Option(
+        "--in", metavar="DURATION", rich_help_panel="Job",
+        help="Start after this long (90s, 10m, 2h, 1d).")] = None,
+    cpu: CpuOpt = None,
+    memory: MemoryOpt = None,
+    gpu: GpuOpt = None,
+    stale_after: StaleAfterOpt = None,
+    shell: ShellOpt = False,
+    python: PythonOpt = False,
     follow: FollowOpt = False,
     as_json: JsonOpt = False,
     url: UrlOpt = None,
@@ -228,12 +302,11 @@ def submit(
 
     Example: tidal submit --follow -- sh -c 'echo hello; echo oops >&2; exit 3'
     """
-    options = {
-        "queue": queue, "priority": priority, "timeout": timeout, "retries": retries,
-        "host": host, "cwd": cwd, "idempotency_key": idempotency_key,
-        "env": _pairs(env, "--env", from_env=True) or None, "tags": _pairs(tag, "--tag") or None,
-    }
-    submission = _work(command, shell, python) | {k: v for k, v in options.items() if v is not None}
+    opts = JobOptions(queue, priority, timeout, retries, host, env, cwd, tag, idempotency_key,
+                      after, cpu, memory, gpu, stale_after)
+    submission = opts.submission(command, shell, python)
+    if (start := _start_time(at, in_)) is not None:
+        submission["scheduled_at"] = start
     with get_client(url, token) as client:
         job = client.submit(submission)
         if follow:
@@ -383,6 +456,92 @@ def token_create(
         output.token_created(created)
 
 
+@app.command()
+def retry(job_id: JobIdArg, as_json: JsonOpt = False, url: UrlOpt = None,
+          token: TokenOpt = None) -> None:
+    """Run a finished job again (a new attempt of the same job); print its id."""
+    with get_client(url, token) as client:
+        job = client.retry(job_id)
+    if as_json:
+        output.json(job)
+    else:
+        output.value(job.id)
+
+
+@app.command()
+def hosts(as_json: JsonOpt = False, url: UrlOpt = None, token: TokenOpt = None) -> None:
+    """Hosts: the job holding each, and the jobs waiting for it in order."""
+    with get_client(url, token) as client:
+        found = client.hosts()
+    if as_json:
+        output.json(found)
+    else:
+        output.hosts_table(found)
+
+
+cron_app = typer.Typer(help="Cron schedules: submit a job at every tick (UTC).",
+                       no_args_is_help=True)
+app.add_typer(cron_app, name="cron")
+
+
+@cron_app.command("add")
+def cron_add(
+    name: Annotated[str, typer.Argument(help="The schedule's name.", show_default=False)],
+    cron: Annotated[str, typer.Option("--cron", metavar="EXPR",
+                                      help="Cron expression, e.g. '*/5 * * * *' (UTC).")],
+    command: CommandArg,
+    queue: QueueOpt = None,
+    priority: PriorityOpt = None,
+    timeout: TimeoutOpt = None,
+    retries: RetriesOpt = None,
+    host: TargetHostOpt = None,
+    env: EnvOpt = None,
+    cwd: CwdOpt = None,
+    tag: TagOpt = None,
+    cpu: CpuOpt = None,
+    memory: MemoryOpt = None,
+    gpu: GpuOpt = None,
+    stale_after: StaleAfterOpt = None,
+    shell: ShellOpt = False,
+    python: PythonOpt = False,
+    as_json: JsonOpt = False,
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Add a schedule. Example: tidal cron add backup --cron '0 3 * * *' -- make backup"""
+    opts = JobOptions(queue, priority, timeout, retries, host, env, cwd, tag, None, None, cpu,
+                      memory, gpu, stale_after)
+    with get_client(url, token) as client:
+        schedule = client.create_schedule(name, cron, opts.submission(command, shell, python))
+    if as_json:
+        output.json(schedule)
+    else:
+        output.schedules_table([schedule])
+
+
+@cron_app.command("list")
+def cron_list(as_json: JsonOpt = False, url: UrlOpt = None, token: TokenOpt = None) -> None:
+    """List the schedules."""
+    with get_client(url, token) as client:
+        found = client.schedules()
+    if as_json:
+        output.json(found)
+    else:
+        output.schedules_table(found)
+
+
+@cron_app.command("remove")
+def cron_remove(
+    name: Annotated[str, typer.Argument(help="The schedule's name.", show_default=False)],
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Remove a schedule (jobs it already submitted are not touched)."""
+    with get_client(url, token) as client:
+        client.remove_schedule(name)
+    output.info(f"schedule {name} removed")
+
+
 # -- services ---------------------------------------------------------------------------
 
 
@@ -475,3 +634,8 @@ def main(
 ) -> None:
     """Tidal: run jobs on a cluster of workers, follow their output, keep the record."""
 
+
+
+from cli.doctor import doctor as doctor_command  # noqa: E402 (after app and service_settings)
+
+app.command()(doctor_command)

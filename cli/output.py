@@ -22,7 +22,8 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from common.models import Health, Job, LogLine, State, TokenCreated, WorkerInfo
+from common.cron import Schedule
+from common.models import Health, HostInfo, Job, LogLine, State, TokenCreated, WorkerInfo
 
 STATE_STYLES: dict[str, str] = {
     State.PENDING: "dim",
@@ -209,7 +210,7 @@ def job_panel(job: Job) -> None:
     grid.add_column(overflow="fold")
     rows: list[tuple[str, Any]] = [
         ("state", _state(job.state)),
-        ("wait reason", job.wait_reason),
+        ("waiting", _wait_text(job)),
         ("queue", job.queue),
         ("priority", job.priority),
         ("host", job.host),
@@ -270,6 +271,60 @@ def workers_table(workers: Iterable[WorkerInfo]) -> None:
         _console().print(table)
     else:
         info("no live workers")
+
+
+def hosts_table(hosts: Iterable[HostInfo]) -> None:
+    """`tidal hosts`."""
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for name in ("HOST", "HOLDER", "WAITING", "NEXT"):
+        table.add_column(name, no_wrap=True)
+    rows = [(h.host, h.holder or "-", str(h.waiting), " ".join(h.waiters[:3])) for h in hosts]
+    for row in rows:
+        table.add_row(*row)
+    if rows:
+        _console().print(table)
+    else:
+        info("no host is held or waited for")
+
+
+def schedules_table(schedules: Iterable[Schedule]) -> None:
+    """`tidal cron list`."""
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for name in ("NAME", "CRON", "NEXT", "OWNER", "COMMAND"):
+        table.add_column(name, no_wrap=True, overflow="ellipsis",
+                         max_width=50 if name == "COMMAND" else None)
+    rows = 0
+    for s in schedules:
+        rows += 1
+        job = s.job
+        work = job.function if job.kind == "python" else (
+            job.command if isinstance(job.command, str) else " ".join(job.command or []))
+        next_at = s.next_fire_at.isoformat(timespec="seconds") if s.next_fire_at else "-"
+        table.add_row(s.name, s.cron, next_at, s.owner, str(work))
+    if rows:
+        _console().print(table)
+    else:
+        info("no schedules")
+
+
+def _wait_text(job: Job) -> str | None:
+    """The wait reason with its detail, in words."""
+    d = job.wait_detail or {}
+    reason = job.wait_reason
+    if not reason:
+        return None
+    if reason.startswith("host:") and d:
+        return (f"{reason}: held by {d.get('holder') or 'nobody'}; "
+                f"#{d.get('position')} of {d.get('waiters')} waiting")
+    if reason == "priority" and d.get("position"):
+        return f"priority: #{d['position']} of {d.get('queued')} in queue {job.queue}"
+    if reason == "dependencies" and "unfinished" in d:
+        return "dependencies: waiting for " + ", ".join(d["unfinished"])
+    if reason == "resources" and d:
+        return f"resources: asks {d.get('asks')}, in use {d.get('in_use')}"
+    if d.get("due_at"):
+        return f"{reason}: due {d['due_at']}"
+    return reason
 
 
 def cancelled(job: Job) -> None:

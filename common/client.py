@@ -29,6 +29,7 @@ import orjson
 from pydantic import TypeAdapter, ValidationError
 
 from common import config
+from common.cron import Schedule
 from common.errors import (
     Conflict,
     Forbidden,
@@ -41,6 +42,7 @@ from common.errors import (
 )
 from common.models import (
     Health,
+    HostInfo,
     Job,
     JobPage,
     JobSubmission,
@@ -70,6 +72,8 @@ _ERRORS: dict[int, type[TidalError]] = {
 _RETRY_STATUS = frozenset({502, 503, 504})
 
 _workers_adapter = TypeAdapter(list[WorkerInfo])
+_hosts_adapter = TypeAdapter(list[HostInfo])
+_schedules_adapter = TypeAdapter(list[Schedule])
 
 
 def error_from_response(response: httpx.Response) -> TidalError:
@@ -230,7 +234,8 @@ class Client:
             response = self._http.request(method, path, **kwargs)
         except httpx.TransportError as exc:
             raise self._unreachable(exc) from exc
-        return self._check(response).json()
+        response = self._check(response)
+        return None if response.status_code == 204 else response.json()
 
     # -- jobs --------------------------------------------------------------------------
 
@@ -325,6 +330,10 @@ class Client:
     def cancel(self, job_id: str) -> Job:
         """Cancel a job: `cancelled` at once, or still `running` while its worker kills it."""
         return Job.model_validate(self._request("DELETE", _job_path(job_id)))
+
+    def retry(self, job_id: str) -> Job:
+        """Run a finished job again, as a new attempt of the same job."""
+        return Job.model_validate(self._request("POST", _job_path(job_id, "/retry")))
 
     def wait(self, job_id: str, timeout: float | None = None) -> Job:
         """Poll until the job is terminal (backoff 0.1 s doubling to 2 s). Raises
@@ -423,6 +432,21 @@ class Client:
 
     def workers(self) -> builtins.list[WorkerInfo]:
         return _workers_adapter.validate_python(self._request("GET", "/workers"))
+
+    def hosts(self) -> builtins.list[HostInfo]:
+        return _hosts_adapter.validate_python(self._request("GET", "/hosts"))
+
+    def schedules(self) -> builtins.list[Schedule]:
+        return _schedules_adapter.validate_python(self._request("GET", "/schedules"))
+
+    def create_schedule(self, name: str, cron: str,
+                        job: JobSubmission | Mapping[str, Any]) -> Schedule:
+        """Submit `job` at every tick of the cron expression `cron` (UTC)."""
+        body = {"name": name, "cron": cron, "job": self._body(job)}
+        return Schedule.model_validate(self._request("POST", "/schedules", json=body))
+
+    def remove_schedule(self, name: str) -> None:
+        self._request("DELETE", f"/schedules/{quote(name, safe='')}")
 
     def health(self) -> Health:
         return Health.model_validate(self._request("GET", "/healthz"))
