@@ -277,8 +277,9 @@ def hosts_table(hosts: Iterable[HostInfo]) -> None:
     """`tidal hosts`."""
     table = Table(box=None, header_style="bold", pad_edge=False)
     for name in ("HOST", "HOLDER", "WAITING", "NEXT"):
-        table.add_column(name, no_wrap=True)
-    rows = [(h.host, h.holder or "-", str(h.waiting), " ".join(h.waiters[:3])) for h in hosts]
+        table.add_column(name, no_wrap=True, min_width=26 if name in ("HOLDER", "NEXT") else None)
+    rows = [(h.host, h.holder or "-", str(h.waiting), h.waiters[0] if h.waiters else "-")
+            for h in hosts]
     for row in rows:
         table.add_row(*row)
     if rows:
