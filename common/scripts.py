@@ -12,7 +12,6 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
-from common.errors import Conflict, JobNotFound, LockLost, ScriptError
 from common.keys import GROUP_SCHEDULERS, GROUP_WORKERS, Keys
 
 SCRIPT_NAMES = (
@@ -341,19 +340,3 @@ def retry(keys: Keys, job_id: str, owner: str, *, by: str, events_maxlen: int) -
 
 def cron_advance(keys: Keys, name: str, fired_ms: int, next_ms: int) -> Call:
     return Call("cron_advance", [keys.cron()], [name, fired_ms, next_ms])
-
-
-# -- results ------------------------------------------------------------------------------
-
-
-def check(result: Any, job_id: str = "") -> Any:
-    """Turn a script's negative error code into the matching exception."""
-    if isinstance(result, int) and result < 0:
-        if result == -1:
-            raise (LockLost if job_id else Conflict)(f"job {job_id}: stale attempt or finished")
-        if result == -2:
-            raise Conflict(f"job {job_id} is not running")
-        if result == -3:
-            raise JobNotFound(f"job {job_id} not found")
-        raise ScriptError(f"script answered {result} for job {job_id}")
-    return result

@@ -40,6 +40,14 @@ class Context:
         sec, usec = self.client.time()
         return int(sec) * 1000 + int(usec) // 1000
 
+    def due(self, zset: str) -> list[tuple[str, str, str | None]]:
+        """Members of a zset scored by ms whose time has come by Redis' clock (a batch),
+        with each job's queue and host: the candidates a due-ness script re-checks."""
+        ids = self.client.zrangebyscore(zset, "-inf", self.redis_now_ms(), start=0,
+                                        num=self.settings.dispatch_batch)
+        rows = self.job_fields(ids, "queue", "host")
+        return [(j, q or "default", h or None) for j, (q, h) in zip(ids, rows, strict=True)]
+
     def job_fields(self, job_ids: list[str], *fields: str) -> list[list[str | None]]:
         """HMGET the same fields of many jobs in one round trip."""
         pipe = self.client.pipeline(transaction=False)

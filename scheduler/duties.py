@@ -95,12 +95,9 @@ class Duties:
     def promote_due(self) -> int:
         """Move due jobs from the delayed set to where they wait (Redis decides due-ness)."""
         c = self.ctx
-        ids = c.client.zrangebyscore(c.keys.delayed(), "-inf", c.redis_now_ms(), start=0,
-                                     num=c.settings.dispatch_batch)
-        if not ids:
+        candidates = c.due(c.keys.delayed())
+        if not candidates:
             return 0
-        rows = c.job_fields(ids, "queue", "host")
-        candidates = [(j, q or "default", h or None) for j, (q, h) in zip(ids, rows, strict=True)]
         return int(c.scripts.run(sc.promote_due(
             c.keys, candidates, events_maxlen=c.maxlen, priority_step_ms=c.step_ms, by=c.me,
         )))

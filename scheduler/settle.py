@@ -93,12 +93,9 @@ class Settler:
     def expire_stale(self) -> int:
         """Queued jobs past their stale_after end as expired (Redis decides)."""
         c = self.ctx
-        ids = c.client.zrangebyscore(c.keys.stale(), "-inf", c.redis_now_ms(), start=0,
-                                     num=c.settings.dispatch_batch)
-        if not ids:
+        candidates = c.due(c.keys.stale())
+        if not candidates:
             return 0
-        rows = c.job_fields(ids, "queue", "host")
-        candidates = [(j, q or "default", h or None) for j, (q, h) in zip(ids, rows, strict=True)]
         return int(c.scripts.run(sc.expire(
             c.keys, candidates, events_maxlen=c.maxlen, ttl_s=c.settings.job_ttl_s, by=c.me,
         )))

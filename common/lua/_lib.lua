@@ -78,3 +78,14 @@ local function settle(stream, job, id, state)
   redis.call('XADD', stream, '*', 'id', id, 'state', state, 'owner', h[1] or '',
              'host', h[2] or '')
 end
+
+-- A dependency ended against what the job asked of it: the job fails with reason
+-- dependency_failed and is settled, so its own dependents hear of it in turn.
+-- k = {job, events, settle}: keys from the script's KEYS.
+local function fail_dependency(k, id, dep_id, dep_state, now, maxlen, by)
+  local text = 'dependency ' .. dep_id .. ' ended ' .. dep_state
+  redis.call('HSET', k.job, 'state', 'failed', 'finished_at', now, 'reason', 'dependency_failed',
+             'error', text, 'wait_reason', '')
+  emit(k.events, maxlen, k.job, id, 'failed', now, by, {'reason', 'dependency_failed'})
+  settle(k.settle, k.job, id, 'failed')
+end

@@ -49,10 +49,8 @@ for j = 0, (#KEYS - 12) / 2 - 1 do
   local state = redis.call('HGET', dep_job, 'state') or 'expired'
   if is_terminal(state) then
     if not satisfied(state, cond) then
-      redis.call('HSET', job, 'state', 'failed', 'finished_at', now, 'reason', 'dependency_failed',
-                 'error', 'dependency ' .. dep_id .. ' ended ' .. state, 'wait_reason', '')
-      emit(events, maxlen, job, id, 'failed', now, by, {'reason', 'dependency_failed'})
-      settle(settle_stream, job, id, 'failed')
+      fail_dependency({job = job, events = events, settle = settle_stream}, id, dep_id, state,
+                      now, maxlen, by)
       return 'failed'
     end
   else

@@ -30,10 +30,8 @@ local ok = cond == 'any'
 if not ok then
   redis.call('DEL', deps)
   redis.call('ZREM', stale, id)
-  redis.call('HSET', job, 'state', 'failed', 'finished_at', now, 'reason', 'dependency_failed',
-             'error', 'dependency ' .. dep_id .. ' ended ' .. dep_state, 'wait_reason', '')
-  emit(events, maxlen, job, id, 'failed', now, by, {'reason', 'dependency_failed'})
-  settle(settle_stream, job, id, 'failed')
+  fail_dependency({job = job, events = events, settle = settle_stream}, id, dep_id, dep_state,
+                  now, maxlen, by)
   return 'failed'
 end
 if redis.call('SCARD', deps) > 0 then return 'waiting' end
