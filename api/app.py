@@ -22,6 +22,8 @@ from api.body import body_schemas
 from api.deps import AppState
 from api.routes import ROUTERS
 from api.routes.health import package_version
+from api.watch import close_job_watch
+from api.ws import router as ws_router
 from common.clock import monotonic
 from common.db import make_engine
 from common.keys import Keys
@@ -55,6 +57,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     try:
         yield
     finally:
+        await close_job_watch(app.state)
         await client.aclose()
         engine.dispose()
         log.info("api_stopped")
@@ -136,6 +139,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     errors.install(app)
     for router in ROUTERS:
         app.include_router(router)
+    app.include_router(ws_router)
     app.add_middleware(RequestContext)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app

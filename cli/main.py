@@ -469,6 +469,29 @@ def retry(job_id: JobIdArg, as_json: JsonOpt = False, url: UrlOpt = None,
 
 
 @app.command()
+def queues(as_json: JsonOpt = False, url: UrlOpt = None, token: TokenOpt = None) -> None:
+    """Queues: waiting, in flight, running, delayed, slots, and jobs ended lately."""
+    with get_client(url, token) as client:
+        found = client.queues()
+    if as_json:
+        output.json(found)
+    else:
+        output.queues_table(found)
+
+
+@app.command()
+def events(job_id: JobIdArg, as_json: JsonOpt = False, url: UrlOpt = None,
+           token: TokenOpt = None) -> None:
+    """Every transition of a job: when, to which state, by whom."""
+    with get_client(url, token) as client:
+        found = client.events(job_id)
+    if as_json:
+        output.json(found)
+    else:
+        output.events_table(found)
+
+
+@app.command()
 def hosts(as_json: JsonOpt = False, url: UrlOpt = None, token: TokenOpt = None) -> None:
     """Hosts: the job holding each, and the jobs waiting for it in order."""
     with get_client(url, token) as client:

@@ -23,7 +23,17 @@ from rich.table import Table
 from rich.text import Text
 
 from common.cron import Schedule
-from common.models import Health, HostInfo, Job, LogLine, State, TokenCreated, WorkerInfo
+from common.models import (
+    Health,
+    HostInfo,
+    Job,
+    JobEvents,
+    LogLine,
+    QueueInfo,
+    State,
+    TokenCreated,
+    WorkerInfo,
+)
 
 STATE_STYLES: dict[str, str] = {
     State.PENDING: "dim",
@@ -286,6 +296,44 @@ def hosts_table(hosts: Iterable[HostInfo]) -> None:
         _console().print(table)
     else:
         info("no host is held or waited for")
+
+
+def queues_table(queues: Iterable[QueueInfo]) -> None:
+    """`tidal queues` (80 columns wide; --json has the workers count too)."""
+    table = Table(box=None, header_style="bold", pad_edge=False, padding=(0, 1, 0, 0))
+    columns = ("QUEUE", "QUEUED", "INFLIGHT", "RUNNING", "DELAYED", "SLOTS", "OK/1M", "FAIL/1M",
+               "OK/1H", "FAIL/1H")
+    for name in columns:
+        table.add_column(name, no_wrap=True, justify="left" if name == "QUEUE" else "right")
+    rows = 0
+    for q in queues:
+        rows += 1
+        failed = [Text(str(n), style="red" if n else "") for n in (q.failed_1m, q.failed_1h)]
+        table.add_row(q.queue, str(q.queued), str(q.in_flight), str(q.running), str(q.delayed),
+                      str(q.slots), str(q.completed_1m), failed[0], str(q.completed_1h),
+                      failed[1])
+    if rows:
+        _console().print(table)
+    else:
+        info("no queues yet")
+
+
+def events_table(found: JobEvents) -> None:
+    """`tidal events ID`."""
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for name in ("SEQ", "TIME", "STATE", "BY", "DETAILS"):
+        table.add_column(name, no_wrap=name != "DETAILS", justify="right" if name == "SEQ"
+                         else "left")
+    for e in found.events:
+        details = " ".join(f"{k}={v}" for k, v in sorted(e.data.items()) if v not in ("", None))
+        when = e.time.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        table.add_row(str(e.seq), when, _state(e.state), Text(e.by), Text(details))
+    if found.events:
+        _console().print(table)
+    else:
+        info("no events recorded yet")
+    if not found.complete:
+        warn("the history is behind: newer transitions are not recorded yet")
 
 
 def schedules_table(schedules: Iterable[Schedule]) -> None:

@@ -44,10 +44,12 @@ from common.models import (
     Health,
     HostInfo,
     Job,
+    JobEvents,
     JobPage,
     JobSubmission,
     LogLine,
     LogPage,
+    QueueInfo,
     State,
     TokenCreated,
     WorkerInfo,
@@ -73,6 +75,7 @@ _RETRY_STATUS = frozenset({502, 503, 504})
 
 _workers_adapter = TypeAdapter(list[WorkerInfo])
 _hosts_adapter = TypeAdapter(list[HostInfo])
+_queues_adapter = TypeAdapter(list[QueueInfo])
 _schedules_adapter = TypeAdapter(list[Schedule])
 
 
@@ -170,6 +173,7 @@ class Client:
     """A typed client of the Tidal REST API. Use as a context manager, or call close()."""
 
     follow_attempts = 8  # reconnects in a row without progress before follow() gives up
+    long_poll_s = 30.0  # how long wait() asks the server to hold each GET /jobs/{id}
     submit_attempts = 3  # tries of a submission that carries an idempotency_key
 
     def __init__(
@@ -291,8 +295,19 @@ class Client:
         answer = self._post_jobs(bodies, retry=retry)
         return [Job.model_validate(j) for j in answer["jobs"]]
 
-    def get(self, job_id: str) -> Job:
-        return Job.model_validate(self._request("GET", _job_path(job_id)))
+    def get(self, job_id: str, wait: float | None = None, polls: int | None = None) -> Job:
+        """The job document. With `wait` (0..60 s) the server answers as soon as the job
+        changes state, or after that long (a long-poll); `polls` says how often the caller
+        asked before, and the answer's `poll_after_ms` grows with it."""
+        params: dict[str, str] = {}
+        timeout: httpx.Timeout | float = self.timeout
+        if wait:
+            params["wait"] = f"{wait:.3f}"
+            timeout = httpx.Timeout(self.timeout, read=wait + self.timeout)
+        if polls:
+            params["polls"] = str(polls)
+        return Job.model_validate(self._request("GET", _job_path(job_id), params=params,
+                                                timeout=timeout))
 
     def list(
         self,
@@ -336,21 +351,27 @@ class Client:
         return Job.model_validate(self._request("POST", _job_path(job_id, "/retry")))
 
     def wait(self, job_id: str, timeout: float | None = None) -> Job:
-        """Poll until the job is terminal (backoff 0.1 s doubling to 2 s). Raises
-        TimeoutError if it is not done after `timeout` seconds."""
+        """Wait until the job is terminal, by long-polls of `long_poll_s` (each answers as
+        soon as the job changes). If an answer comes back early with nothing changed (a
+        server that does not hold the request), waits the `poll_after_ms` it advised before
+        asking again. Raises TimeoutError if it is not done after `timeout` seconds."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        delay = 0.1
+        polls, previous = 0, None
         while True:
-            job = self.get(job_id)
+            left = None if deadline is None else deadline - time.monotonic()
+            hold = self.long_poll_s if left is None else max(0.0, min(self.long_poll_s, left))
+            asked = time.monotonic()
+            job = self.get(job_id, wait=hold, polls=polls)
             if job.state.terminal:
                 return job
-            if deadline is not None:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError(f"job {job_id} is still {job.state} after {timeout}s")
-                delay = min(delay, left)
-            self._sleep(delay)
-            delay = min(delay * 2, 2.0)
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                raise TimeoutError(f"job {job_id} is still {job.state} after {timeout}s")
+            seen = job.model_dump(exclude={"poll_after_ms", "wait_detail"})
+            if now - asked < hold * 0.9 and seen == previous:
+                pause = (job.poll_after_ms or 1000) / 1000
+                self._sleep(pause if deadline is None else min(pause, deadline - now))
+            previous, polls = seen, polls + 1
 
     # -- logs --------------------------------------------------------------------------
 
@@ -428,7 +449,23 @@ class Client:
                     data = orjson.loads(event.data)
                     yield LogLine.model_validate({**data, "id": event.id or data.get("id", "")})
 
+    def events(self, job_id: str) -> JobEvents:
+        """Every transition of the job (seq, time, state, by whom, details)."""
+        return JobEvents.model_validate(self._request("GET", _job_path(job_id, "/events")))
+
     # -- cluster -----------------------------------------------------------------------
+
+    def queues(self) -> builtins.list[QueueInfo]:
+        """Each queue now: depth, in flight, running, delayed, slots, recent rates."""
+        return _queues_adapter.validate_python(self._request("GET", "/queues"))
+
+    def metrics(self) -> str:
+        """The Prometheus text of GET /metrics."""
+        try:
+            response = self._http.get("/metrics", headers={"Accept": "text/plain"})
+        except httpx.TransportError as exc:
+            raise self._unreachable(exc) from exc
+        return self._check(response).text
 
     def workers(self) -> builtins.list[WorkerInfo]:
         return _workers_adapter.validate_python(self._request("GET", "/workers"))

@@ -10,6 +10,7 @@ from __future__ import annotations
 from datetime import datetime
 from enum import IntEnum, StrEnum
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import orjson
 from pydantic import (
@@ -80,6 +81,23 @@ def _clean_text(value: str) -> str:
 
 
 CleanStr = Annotated[str, AfterValidator(_clean_text)]
+
+
+def _callback_url(value: str) -> str:
+    """An absolute http(s) URL with a host and no spaces or control characters."""
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an absolute http:// or https:// URL")
+    try:
+        parts.port  # noqa: B018 (parsing it checks it)
+    except ValueError as exc:
+        raise ValueError(f"bad port: {exc}") from None
+    if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in value):
+        raise ValueError("must not contain spaces or control characters")
+    return value
+
+
+CallbackUrl = Annotated[str, Field(max_length=2048), AfterValidator(_callback_url)]
 Name = Annotated[str, Field(pattern=NAME_RE)]
 EnvName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=256)]
 
@@ -140,6 +158,9 @@ class JobSubmission(BaseModel):
     idempotency_key: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:\-]{1,200}$")] | None = None
     tags: dict[Name, Annotated[CleanStr, Field(max_length=1024)]] = Field(
         default_factory=dict, max_length=64
+    )
+    callback_url: CallbackUrl | None = Field(
+        default=None, description="POSTed the job document when the job ends (docs/live.md)"
     )
 
     @model_validator(mode="after")
@@ -205,6 +226,7 @@ class Job(BaseModel):
     stale_after: float | None = None
     idempotency_key: str | None = None
     tags: dict[str, str] = Field(default_factory=dict)
+    callback_url: str | None = None
     wait_reason: str | None = None
     wait_detail: dict[str, Any] | None = Field(
         default=None, description="why it is not running, in detail (queued jobs only)"
@@ -219,6 +241,11 @@ class Job(BaseModel):
     error: str | None = None
     reason: str | None = None
     progress: Progress | None = None
+    poll_after_ms: int | None = Field(
+        default=None, exclude_if=lambda v: v is None,
+        description="GET /jobs/{id} of an unfinished job: ask again after this many ms "
+        "(grows with `polls`, at most 30000); absent once the job has finished",
+    )
 
 
 class JobBatch(BaseModel):
@@ -243,6 +270,44 @@ class LogPage(BaseModel):
     job_id: str
     lines: list[LogLine]
     next_cursor: str | None = None
+
+
+class JobEvent(BaseModel):
+    """One transition of a job: its per-job sequence number, when, the state entered, who
+    made it (a user, a scheduler or a worker id) and the event's other fields."""
+
+    seq: int
+    time: datetime
+    state: str
+    by: str = ""
+    data: dict[str, Any] = Field(default_factory=dict)
+
+
+class JobEvents(BaseModel):
+    """GET /jobs/{id}/events. `complete` is false when the job has transitions that neither
+    the SQL mirror nor the recent part of the events stream holds (the mirror lags)."""
+
+    job_id: str
+    events: list[JobEvent]
+    complete: bool = True
+
+
+class QueueInfo(BaseModel):
+    """GET /queues: one queue now. `queued` counts the jobs waiting in the queue for a slot
+    (not those waiting for a host, dependencies, resources or a start time); `delayed`
+    counts scheduled starts and retry back-offs (from the SQL mirror)."""
+
+    queue: str
+    queued: int = 0
+    in_flight: int = 0
+    running: int = 0
+    delayed: int = 0
+    workers: int = 0
+    slots: int = 0
+    completed_1m: int = 0
+    failed_1m: int = 0
+    completed_1h: int = 0
+    failed_1h: int = 0
 
 
 class WorkerInfo(BaseModel):

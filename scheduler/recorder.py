@@ -1,7 +1,15 @@
 """The recorder: mirrors the events stream into SQL (jobs and their events), in batched
 transactions. Idempotent: an event applied twice changes nothing (events are unique by
 (job, seq); a job row only moves forward in seq), so reading at-least-once is safe.
-It acknowledges a batch only after its transaction committed."""
+It acknowledges a batch only after its transaction committed.
+
+When it applies a job's terminal event it also copies the job's log stream (capped by the
+worker at `log_max_lines`) into the `logs` table, in pages, lines unique by (job, entry id):
+the API serves the log from there once the Redis copy has expired. The worker writes every
+line before it finishes the job, so at the terminal event the stream is complete.
+
+With the terminal event of a job that has a `callback_url` it writes a `callbacks` row in
+the same transaction; `run()` delivers those off its own thread (scheduler/callbacks.py)."""
 
 from __future__ import annotations
 
@@ -20,9 +28,11 @@ from sqlalchemy.exc import SQLAlchemyError
 from common.db import make_engine
 from common.keys import GROUP_RECORDER, Keys
 from common.logging import get_logger
+from common.models import TERMINAL_STATES
 from common.settings import Settings
 from common.streams import ensure_group
-from common.tables import EventRecord, JobRecord
+from common.tables import CallbackRecord, EventRecord, JobRecord, LogRecord, log_row
+from scheduler.callbacks import CallbackSender, callback_rows
 
 log = get_logger("recorder")
 
@@ -32,6 +42,7 @@ JOB_COLUMNS = (
     "created_at", "started_at", "finished_at", "exit_code", "result", "error", "reason", "spec",
 )
 INT_COLUMNS = {"priority", "attempt", "created_at", "started_at", "finished_at", "exit_code"}
+LOG_PAGE = 1000  # log entries per XRANGE and per insert when a finished job's log is copied
 
 
 def _value(column: str, raw: str | None) -> Any:
@@ -61,22 +72,26 @@ class Recorder:
         self.keys = Keys(settings.prefix)
         self.engine = engine or make_engine(settings)
         self.me = f"recorder-{socket.gethostname()}-{os.getpid()}"
+        self.callbacks: CallbackSender | None = None  # made by run(): catch_up() posts nothing
 
     # -- loop -----------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
         backoff = 0.1
         ensured = False
+        self.callbacks = CallbackSender(self.client, self.keys, self.engine)
         while not stop.is_set():
             try:
                 if not ensured:
                     ensure_group(self.client, self.keys.events(), GROUP_RECORDER)
                     ensured = True
                 self.step(block_ms=500)
+                self.callbacks.tick()
                 backoff = 0.1
             except (redis.RedisError, SQLAlchemyError) as exc:
                 log.warning("recorder error; retrying", error=str(exc), retry_in=backoff)
                 stop.wait(backoff)
                 backoff = min(backoff * 2, 5.0)
+        self.callbacks.close()
 
     def step(self, block_ms: int | None = None) -> int:
         """Apply one batch: entries this recorder left unacknowledged first (after an
@@ -119,8 +134,11 @@ class Recorder:
         newest: dict[str, int] = {}
         events: list[dict[str, Any]] = []
         fallback: dict[str, dict[str, str]] = {}
+        ended: dict[str, int] = {}  # jobs that reached a terminal state → its seq
         for _eid, f in items:
             job_id, seq = f["job"], int(f["seq"])
+            if f["state"] in TERMINAL_STATES:
+                ended[job_id] = max(seq, ended.get(job_id, 0))
             extra = {k: v for k, v in f.items() if k not in EVENT_FIELDS}
             events.append({"job_id": job_id, "seq": seq, "state": f["state"], "at": int(f["at"]),
                            "by": f.get("by", ""), "data": orjson.dumps(extra).decode()})
@@ -135,6 +153,31 @@ class Recorder:
                 source = hashes.get(row["id"]) or fallback[row["id"]]
                 known = [c for c in JOB_COLUMNS if source.get(c) not in (None, "")]
                 conn.execute(self._upsert_job(row, known if not hashes.get(row["id"]) else None))
+            if callbacks := callback_rows(ended, hashes):
+                conn.execute(self._insert(CallbackRecord, ignore=True), callbacks)
+        self.copy_logs(list(ended))
+
+    def copy_logs(self, job_ids: list[str]) -> int:
+        """Copy the log streams of these (finished) jobs into the `logs` table; lines already
+        there are skipped. The first page of every job comes in one round trip. Returns the
+        number of entries read."""
+        if not job_ids:
+            return 0
+        pipe = self.client.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.xrange(self.keys.log(job_id), count=LOG_PAGE)
+        total = 0
+        for job_id, page in zip(job_ids, pipe.execute(), strict=True):
+            while page:
+                with self.engine.begin() as conn:
+                    conn.execute(self._insert(LogRecord, ignore=True),
+                                 [log_row(job_id, eid, fields) for eid, fields in page])
+                total += len(page)
+                if len(page) < LOG_PAGE:
+                    break
+                page = self.client.xrange(self.keys.log(job_id), min=f"({page[-1][0]}",
+                                          count=LOG_PAGE)
+        return total
 
     def _job_hashes(self, job_ids: list[str]) -> dict[str, dict[str, str]]:
         pipe = self.client.pipeline(transaction=False)

@@ -4,12 +4,26 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from api.routes import health, hosts, jobs, logs, schedules, tokens, workers
+from api.routes import (
+    events,
+    health,
+    hosts,
+    jobs,
+    logs,
+    metrics,
+    queues,
+    schedules,
+    tokens,
+    workers,
+)
 
 ROUTERS: tuple[APIRouter, ...] = (
     health.router,
     jobs.router,
     logs.router,
+    events.router,
+    queues.router,
+    metrics.router,
     workers.router,
     hosts.router,
     schedules.router,

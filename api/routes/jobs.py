@@ -6,12 +6,13 @@ the SQL mirror (written by the recorder, up to about a second behind Redis).
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Annotated, Any
 
 import structlog
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Query, Request, Response
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 from starlette.concurrency import run_in_threadpool
@@ -21,6 +22,7 @@ from api.body import SUBMIT_OPENAPI, read_submissions
 from api.deps import AppState, PrincipalDep, StateDep
 from api.validate import check_submissions
 from api.waits import wait_detail
+from api.watch import job_watch
 from common import scripts as sc
 from common.errors import Conflict, JobNotFound, LimitExceeded
 from common.jobs import hash_from_record, job_from_hash, new_job_id, submission_fields
@@ -215,11 +217,47 @@ async def list_jobs(
 # -- one job --------------------------------------------------------------------------------
 
 
-@router.get("/{job_id}", response_model=Job, summary="One job", responses=ERRORS)
-async def get_job(job_id: str, ctx: StateDep, principal: PrincipalDep) -> Job:
+POLL_BASE_MS = 1000
+POLL_MAX_MS = 30_000
+MAX_WAIT_S = 60
+
+
+def poll_after_ms(polls: int) -> int:
+    """When to ask again about an unfinished job: 1 s, doubling with each poll the client
+    says it made, at most 30 s."""
+    return min(POLL_MAX_MS, POLL_BASE_MS << min(polls, 5))
+
+
+@router.get(
+    "/{job_id}", response_model=Job, summary="One job (optionally waiting for it to change)",
+    responses=ERRORS,
+)
+async def get_job(
+    job_id: str,
+    request: Request,
+    response: Response,
+    ctx: StateDep,
+    principal: PrincipalDep,
+    wait: Annotated[float, Query(ge=0, le=MAX_WAIT_S, description=(
+        "long-poll: answer as soon as the job changes state, or after this many seconds"
+    ))] = 0,
+    polls: Annotated[int, Query(ge=0, le=1_000_000, description=(
+        "how many times the client asked before; poll_after_ms grows with it"
+    ))] = 0,
+) -> Job:
+    # the seq before the document: a transition between the two reads then ends the wait
+    seq = await ctx.redis.hget(ctx.keys.job(job_id), "seq") if wait and _JOB_ID.match(job_id) \
+        else None
     job = await visible_job(ctx, principal, job_id)
+    if seq is not None and not job.state.terminal:
+        if await job_watch(request.app.state, ctx).changed(job_id, seq, wait):
+            job = await visible_job(ctx, principal, job_id)
+    if job.state.terminal:
+        return job
     detail = await wait_detail(ctx, job)
-    return job.model_copy(update={"wait_detail": detail}) if detail else job
+    after = poll_after_ms(polls)
+    response.headers["Retry-After"] = str(math.ceil(after / 1000))
+    return job.model_copy(update={"wait_detail": detail, "poll_after_ms": after})
 
 
 async def _cancel(ctx: AppState, principal: Principal, job_id: str) -> Any:

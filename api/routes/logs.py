@@ -13,12 +13,15 @@ A `: ping` comment goes out after ~15 s of silence; `event: error` (data `{"code
 "message"}`) when Redis fails mid-stream. A stream that closes without `end` (Redis
 failure, server shutdown) is resumed by reconnecting with `Last-Event-ID`. The worker
 writes every line before it finishes a job, so once the job is terminal the stream holds
-all its lines.
+all its lines. Once the job's log stream has expired from Redis, pages and follows are
+served from the SQL mirror's copy (the recorder makes it when the job ends).
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
@@ -27,11 +30,17 @@ import structlog
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import StreamingResponse
 from redis.exceptions import RedisError
+from sqlalchemy import and_, or_
+from sqlalchemy.engine import Engine
+from sqlmodel import Session, col, select
+from starlette.concurrency import run_in_threadpool
 
 from api.deps import AppState, PrincipalDep, StateDep
 from api.routes.jobs import ERRORS, read_job, visible_job
+from api.watch import Entry, xread_entries
 from common.clock import monotonic, ms_to_iso
 from common.models import TERMINAL_STATES, Job, LogLine, LogPage
+from common.tables import LOG_STREAM_NAMES, LogRecord, log_entry
 
 log = structlog.get_logger("api")
 router = APIRouter(prefix="/jobs", tags=["logs"])
@@ -40,8 +49,7 @@ STREAM_ID_PATTERN = r"^\d{1,20}-\d{1,20}$"
 PING_S = 15.0
 BLOCK_MS = 1000
 READ_COUNT = 1000
-_STREAMS = {"o": "stdout", "e": "stderr", "x": "system"}
-Entry = tuple[str, dict[str, str]]
+_STREAMS = LOG_STREAM_NAMES
 
 
 def _millis(entry_id: str, fields: dict[str, str]) -> int:
@@ -85,55 +93,112 @@ PING_FRAME = b": ping\n\n"
 
 
 # -- reading the stream ---------------------------------------------------------------------
+#
+# `tail` is the one reader of a job's log for every live consumer (SSE here, the WebSocket
+# in api/ws.py): it yields what a follower needs and leaves the framing to the caller.
 
 
-def _entries(reply: Any) -> list[Entry]:
-    """XREAD's reply (RESP2 list or RESP3 dict) reduced to its entries."""
-    if not reply:
-        return []
-    streams = reply.values() if isinstance(reply, dict) else (items for _, items in reply)
-    return [(str(eid), fields) for items in streams for eid, fields in (items or [])]
+@dataclass(frozen=True, slots=True)
+class Lines:
+    """Log entries, in order, each after the previous one yielded."""
+
+    entries: list[Entry]
 
 
-async def _drain(ctx: AppState, key: str, last: str) -> AsyncIterator[bytes]:
+@dataclass(frozen=True, slots=True)
+class StateSeen:
+    """The job's state, yielded first and then each time its event seq moves."""
+
+    state: str
+    fields: dict[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class Quiet:
+    """Nothing new for PING_S seconds (a keep-alive is due)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Ended:
+    """The job is over and every line was yielded: its final document (None if gone)."""
+
+    job: Job | None
+
+
+TailItem = Lines | StateSeen | Quiet | Ended
+STATE_FIELDS = ("state", "seq", "attempt", "wait_reason", "worker")
+
+
+def _mirror_entries(engine: Engine, job_id: str, after: str | None, limit: int) -> list[Entry]:
+    """Up to `limit` lines after entry id `after` from the SQL mirror's copy of the log."""
+    stmt = select(LogRecord).where(LogRecord.job_id == job_id)
+    if after and after != "0-0":
+        ms, _, seq = after.partition("-")
+        stmt = stmt.where(or_(col(LogRecord.entry_ms) > int(ms),
+                              and_(col(LogRecord.entry_ms) == int(ms),
+                                   col(LogRecord.entry_seq) > int(seq or 0))))
+    stmt = stmt.order_by(col(LogRecord.entry_ms), col(LogRecord.entry_seq)).limit(limit)
+    with Session(engine) as session:
+        return [log_entry(rec) for rec in session.exec(stmt)]
+
+
+async def read_entries(ctx: AppState, job_id: str, after: str | None, limit: int) -> list[Entry]:
+    """Up to `limit` lines after `after` (None: from the first): from the job's log stream,
+    or from the SQL mirror once that stream has expired."""
+    key = ctx.keys.log(job_id)
+    page = await ctx.redis.xrange(key, min=f"({after}" if after else "-", max="+", count=limit)
+    if page or await ctx.redis.exists(key):
+        return [(str(eid), fields) for eid, fields in page]
+    return await run_in_threadpool(_mirror_entries, ctx.engine, job_id, after, limit)
+
+
+async def _rest(ctx: AppState, job_id: str, last: str) -> AsyncIterator[list[Entry]]:
     """Everything after `last`, in bounded reads, without blocking."""
-    while True:
-        page = await ctx.redis.xrange(key, min=f"({last}", max="+", count=READ_COUNT)
-        if not page:
-            return
+    while page := await read_entries(ctx, job_id, last, READ_COUNT):
         last = page[-1][0]
-        yield b"".join(line_frame(eid, fields) for eid, fields in page)
+        yield page
 
 
-async def _finished(ctx: AppState, job_id: str) -> tuple[bool, Job | None]:
-    """(job is over, its document). A job whose hash is gone counts as over."""
-    state = await ctx.redis.hget(ctx.keys.job(job_id), "state")
-    if state and state not in TERMINAL_STATES:
-        return False, None
-    return True, await read_job(ctx, job_id)
+async def tail(
+    ctx: AppState, job_id: str, after: str, gone: Callable[[], Awaitable[bool]]
+) -> AsyncIterator[TailItem]:
+    """A job's log after entry id `after`, live: lines as they come, its state when it
+    changes, `Quiet` after PING_S without news, then every remaining line and `Ended` once
+    the job is terminal (a job whose hash is gone counts as over). Stops quietly when the
+    server stops or `gone()` says the consumer left; RedisError propagates."""
+    key, last, quiet_since, seen = ctx.keys.log(job_id), after, monotonic(), None
+    while not ctx.stopping.is_set() and not await gone():
+        values = await ctx.redis.hmget(ctx.keys.job(job_id), list(STATE_FIELDS))
+        h = {name: v for name, v in zip(STATE_FIELDS, values, strict=True) if v is not None}
+        if h.get("state") and h.get("seq") != seen:
+            seen = h.get("seq")
+            yield StateSeen(h["state"], h)
+        if not h.get("state") or h["state"] in TERMINAL_STATES:
+            async for page in _rest(ctx, job_id, last):
+                last = page[-1][0]
+                yield Lines(page)
+            yield Ended(await read_job(ctx, job_id))
+            return
+        got = xread_entries(await ctx.redis.xread({key: last}, count=READ_COUNT, block=BLOCK_MS))
+        if got:
+            last, quiet_since = got[-1][0], monotonic()
+            yield Lines(got)
+        elif monotonic() - quiet_since >= PING_S:
+            quiet_since = monotonic()
+            yield Quiet()
 
 
 async def follow(request: Request, ctx: AppState, job_id: str, after: str) -> AsyncIterator[bytes]:
     """The SSE body: lines as they come, then `end` once the job is terminal."""
-    key, last, quiet_since = ctx.keys.log(job_id), after, monotonic()
     try:
-        while not ctx.stopping.is_set() and not await request.is_disconnected():
-            got = _entries(await ctx.redis.xread({key: last}, count=READ_COUNT, block=BLOCK_MS))
-            if got:
-                last = got[-1][0]
-                quiet_since = monotonic()
-                yield b"".join(line_frame(eid, fields) for eid, fields in got)
-                if len(got) == READ_COUNT:
-                    continue  # a backlog: keep reading before asking about the job
-            done, job = await _finished(ctx, job_id)
-            if done:
-                async for frames in _drain(ctx, key, last):
-                    yield frames
-                yield end_frame(job)
-                return
-            if monotonic() - quiet_since >= PING_S:
-                quiet_since = monotonic()
-                yield PING_FRAME
+        async with aclosing(tail(ctx, job_id, after, request.is_disconnected)) as items:
+            async for item in items:
+                if isinstance(item, Lines):
+                    yield b"".join(line_frame(eid, fields) for eid, fields in item.entries)
+                elif isinstance(item, Quiet):
+                    yield PING_FRAME
+                elif isinstance(item, Ended):
+                    yield end_frame(item.job)
     except RedisError as exc:
         log.warning("log_follow_failed", job_id=job_id, error=str(exc))
         yield error_frame("redis_unavailable", f"Redis is unavailable: {exc}")
@@ -143,8 +208,7 @@ async def follow(request: Request, ctx: AppState, job_id: str, after: str) -> As
 
 
 async def log_page(ctx: AppState, job_id: str, cursor: str | None, limit: int) -> LogPage:
-    start = f"({cursor}" if cursor else "-"
-    entries = await ctx.redis.xrange(ctx.keys.log(job_id), min=start, max="+", count=limit)
+    entries = await read_entries(ctx, job_id, cursor, limit)
     lines = [to_line(eid, fields) for eid, fields in entries]
     more = len(lines) == limit
     return LogPage(job_id=job_id, lines=lines, next_cursor=lines[-1].id if more else None)

@@ -59,7 +59,8 @@ def test_submit_one(client: TestClient, r: redis.Redis, keys: Keys) -> None:
     assert h["state"] == "pending" and h["owner"] == "admin" and h["queue"] == "build"
     assert h["priority"] == "1"
     assert submitted_ids(r, keys) == [job["id"]]
-    assert client.get(f"/jobs/{job['id']}").json() == job
+    # an unfinished job's GET also says when to ask again (tests/integration/test_api_live.py)
+    assert client.get(f"/jobs/{job['id']}").json() == job | {"poll_after_ms": 1000}
 
 
 def test_submit_batch_keeps_order(client: TestClient, r: redis.Redis, keys: Keys) -> None:

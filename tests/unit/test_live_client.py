@@ -1,0 +1,157 @@
+"""The SDK and CLI side of watching jobs live: wait() by long-poll honouring poll_after_ms,
+events, queues, metrics; `tidal wait`, `tidal queues`, `tidal events`."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+import pytest
+from typer.testing import CliRunner
+
+import cli.main
+from cli.main import app
+from common.client import Client
+from common.models import JobEvent, JobEvents, QueueInfo, State
+from tests.unit.test_cli import FakeClient, make_job
+from tests.unit.test_client import job_doc, make_client
+
+runner = CliRunner()
+
+
+def recorded(answers: list[dict[str, Any]]) -> tuple[Client, list[httpx.Request], list[float]]:
+    requests: list[httpx.Request] = []
+    replies = iter(answers)
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        requests.append(request)
+        return httpx.Response(200, json=next(replies))
+
+    client = make_client(handler)
+    slept: list[float] = []
+    client._sleep = slept.append
+    return client, requests, slept
+
+
+# -- SDK ------------------------------------------------------------------------------------
+
+
+def test_wait_long_polls_and_counts_its_polls() -> None:
+    client, requests, slept = recorded([
+        job_doc(state="queued", poll_after_ms=1000), job_doc(state="running", poll_after_ms=2000),
+        job_doc(state="completed", exit_code=0),
+    ])
+    with client:
+        assert client.wait("J1").state == State.COMPLETED
+    assert [r.url.params.get("wait") for r in requests] == ["30.000"] * 3
+    assert [r.url.params.get("polls") for r in requests] == [None, "1", "2"]
+    assert slept == []  # every answer had news: asked again at once
+    assert requests[0].extensions["timeout"]["read"] >= 60  # longer than the hold
+
+
+def test_wait_honours_poll_after_when_the_server_answers_early_with_nothing_new() -> None:
+    client, requests, slept = recorded([
+        job_doc(state="running", poll_after_ms=1000), job_doc(state="running", poll_after_ms=2000),
+        job_doc(state="running", poll_after_ms=4000), job_doc(state="completed"),
+    ])
+    with client:
+        assert client.wait("J1").state == State.COMPLETED
+    assert slept == [2.0, 4.0]
+
+
+def test_wait_never_holds_past_its_timeout() -> None:
+    client, requests, _ = recorded([job_doc(state="running", poll_after_ms=1000)] * 10_000)
+    with client, pytest.raises(TimeoutError, match="still running after 0.05s"):
+        client.wait("J1", timeout=0.05)
+    assert all(float(r.url.params.get("wait", 0)) <= 0.05 for r in requests)
+
+
+def test_get_without_wait_sends_no_long_poll_parameters() -> None:
+    client, requests, _ = recorded([job_doc(state="running", poll_after_ms=1000)])
+    with client:
+        assert client.get("J1").poll_after_ms == 1000
+    assert dict(requests[0].url.params) == {}
+
+
+def test_events_queues_and_metrics() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/jobs/J1/events":
+            return httpx.Response(200, json={"job_id": "J1", "complete": False, "events": [
+                {"seq": 1, "time": "2026-01-01T00:00:00Z", "state": "pending", "by": "alice",
+                 "data": {}}]})
+        if request.url.path == "/queues":
+            return httpx.Response(200, json=[{"queue": "default", "queued": 3}])
+        assert request.url.path == "/metrics"
+        return httpx.Response(200, text="tidal_workers 2.0\n")
+
+    with make_client(handler) as client:
+        events = client.events("J1")
+        assert (events.complete, events.events[0].by) == (False, "alice")
+        [q] = client.queues()
+        assert (q.queue, q.queued, q.running) == ("default", 3, 0)
+        assert client.metrics() == "tidal_workers 2.0\n"
+
+
+# -- CLI ------------------------------------------------------------------------------------
+
+
+class LiveFake(FakeClient):
+    def queues(self) -> list[QueueInfo]:
+        self._call("queues", None)
+        return [QueueInfo(queue="default", queued=7, in_flight=2, running=2, slots=4, workers=1,
+                          completed_1m=5, failed_1h=1),
+                QueueInfo(queue="gpu")]
+
+    def events(self, job_id: str) -> JobEvents:
+        self._call("events", job_id)
+        at = datetime(2026, 1, 1, 12, 0, 0, 250_000, tzinfo=UTC)
+        return JobEvents(job_id=job_id, complete=False, events=[
+            JobEvent(seq=1, time=at, state="pending", by="alice"),
+            JobEvent(seq=2, time=at, state="failed", by="w[1]",
+                     data={"exit_code": "3", "reason": "exit_code", "attempt": ""}),
+        ])
+
+
+@pytest.fixture
+def live(monkeypatch: pytest.MonkeyPatch) -> LiveFake:
+    fake = LiveFake()
+    monkeypatch.setattr(cli.main, "get_client", lambda url=None, token=None: fake)
+    return fake
+
+
+def test_queues_table_and_json(live: LiveFake) -> None:
+    result = runner.invoke(app, ["queues"], env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    header, default, gpu = result.stdout.splitlines()
+    assert header.split() == ["QUEUE", "QUEUED", "INFLIGHT", "RUNNING", "DELAYED", "SLOTS",
+                              "OK/1M", "FAIL/1M", "OK/1H", "FAIL/1H"]
+    assert default.split() == ["default", "7", "2", "2", "0", "4", "5", "0", "0", "1"]
+    assert gpu.split()[0] == "gpu"
+    doc = json.loads(runner.invoke(app, ["queues", "--json"]).stdout)
+    assert doc[0]["queued"] == 7 and doc[1]["queue"] == "gpu"
+
+
+def test_events_table_warns_when_incomplete(live: LiveFake) -> None:
+    result = runner.invoke(app, ["events", "J1"])
+    assert result.exit_code == 0, result.output
+    rows = result.stdout.splitlines()
+    assert rows[1].split() == ["1", "2026-01-01T12:00:00.250Z", "pending", "alice"]
+    assert rows[2].split() == ["2", "2026-01-01T12:00:00.250Z", "failed", "w[1]",
+                               "exit_code=3", "reason=exit_code"]
+    assert "history is behind" in result.stderr
+    doc = json.loads(runner.invoke(app, ["events", "J1", "--json"]).stdout)
+    assert doc["complete"] is False and doc["events"][1]["data"]["exit_code"] == "3"
+
+
+@pytest.mark.parametrize(("job", "code"), [
+    ({"state": "completed", "exit_code": 0}, 0),
+    ({"state": "failed", "exit_code": 7}, 7),
+    ({"state": "failed", "reason": "timeout", "exit_code": -9}, 124),
+    ({"state": "cancelled"}, 130),
+])
+def test_wait_exits_with_the_jobs_code(live: LiveFake, job: dict[str, Any], code: int) -> None:
+    live.final = make_job(**job)
+    result = runner.invoke(app, ["wait", "J1"])
+    assert result.exit_code == code, result.output
