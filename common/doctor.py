@@ -291,24 +291,46 @@ class Doctor:
 
     def _requeue(self, f: Finding) -> int:
         """Back to its queue with its stored score; a host job only if it holds (or can
-        take) its host, else behind the holder in submission order, as admit.lua does."""
+        take) its host, else behind the holder in submission order, as admit.lua does.
+        Optimistic (WATCH): nothing is written if the job or its host changed meanwhile."""
         h, job_id = f.data, f.subject
         host = h.get("host")
-        if host and self.client.get(self.keys.host(host)) != job_id and not self.client.set(
-            self.keys.host(host), job_id, nx=True
-        ):
-            self.client.sadd(self.keys.hosts(), host)
-            order = float(h.get("sub_seq") or h.get("created_at") or 0)
-            return int(self.client.zadd(self.keys.hostwait(host), {job_id: order}, nx=True))
-        score = h.get("score") or (int(h.get("created_at") or time.time() * 1000)
-                                   + int(h.get("priority") or 2) * self.settings.priority_step_s
-                                   * 1000)
-        return int(self.client.zadd(self.keys.queue(h.get("queue", "default")),
-                                    {job_id: float(score)}, nx=True))
+        job_key = self.keys.job(job_id)
+        watched = [job_key, self.keys.host(host)] if host else [job_key]
+
+        def apply(pipe: Any) -> int:
+            if pipe.hget(job_key, "state") != "queued":
+                return 0
+            holder = pipe.get(self.keys.host(host)) if host else job_id
+            pipe.multi()
+            if holder not in (None, job_id):
+                order = float(h.get("sub_seq") or h.get("created_at") or 0)
+                pipe.sadd(self.keys.hosts(), host)
+                pipe.zadd(self.keys.hostwait(str(host)), {job_id: order}, nx=True)
+                return 1
+            if host:
+                pipe.set(self.keys.host(host), job_id)
+            score = h.get("score") or (int(h.get("created_at") or time.time() * 1000)
+                                       + int(h.get("priority") or 2)
+                                       * self.settings.priority_step_s * 1000)
+            pipe.zadd(self.keys.queue(h.get("queue", "default")), {job_id: float(score)},
+                      nx=True)
+            return 1
+
+        return int(self.client.transaction(apply, *watched, value_from_callable=True))
 
     def _redelay(self, f: Finding) -> int:
-        due = float(f.data.get("retry_at") or time.time() * 1000)
-        return int(self.client.zadd(self.keys.delayed(), {f.subject: due}, nx=True))
+        job_key = self.keys.job(f.subject)
+
+        def apply(pipe: Any) -> int:
+            if pipe.hget(job_key, "state") != "retrying":
+                return 0
+            pipe.multi()
+            due = float(f.data.get("retry_at") or time.time() * 1000)
+            pipe.zadd(self.keys.delayed(), {f.subject: due}, nx=True)
+            return 1
+
+        return int(self.client.transaction(apply, job_key, value_from_callable=True))
 
     def _reclaim(self, f: Finding) -> int:
         s = self.settings

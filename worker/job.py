@@ -1,8 +1,9 @@
 """One attempt as the worker holds it while it runs, and how it may be interrupted.
 
 The consumer creates a `JobRun` for each job that start.lua handed over; the runner thread
-executes it; the control and heartbeat threads may `abort` it (cancel), and so may the
-shutdown path (worker_shutdown). Whoever finishes it first wins `claim_finish`.
+executes it; the control and heartbeat threads may `abort` it (cancel, lost), and so may the
+shutdown path (worker_shutdown: the attempt is then handed back, not finished). Whoever
+finishes it first wins `claim_finish`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from common.models import JobSubmission
 from common.scripts import Outcome
 
 CANCELLED = "cancelled"
-SHUTDOWN = "worker_shutdown"
+SHUTDOWN = "worker_shutdown"  # handed back to the queue (reclaim.lua), never finished
 LOST = "lost"  # the job was given to another attempt while this worker was away
 
 
@@ -27,6 +28,8 @@ class JobRun:
     attempt: int
     spec: JobSubmission
     aborted: threading.Event = field(default_factory=threading.Event, init=False)
+    # monotonic time a heartbeat that found this attempt still ours was sent (its lease)
+    confirmed_at: float = field(default=float("-inf"), init=False)
     abort_reason: str | None = field(default=None, init=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     _finished: bool = field(default=False, init=False, repr=False)

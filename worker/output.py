@@ -8,6 +8,11 @@ An entry of the job's log stream (`Keys.log`) has the fields the API's log reade
     c  '1' only on a chunk of an over-long line that the next entry of the same stream
        continues (lines are split at `log_line_max_bytes`, on a character boundary)
 
+Each attempt has an output budget (`log_max_lines` lines, `log_max_bytes` bytes): past it,
+output is counted instead of stored and only its tail is kept (`Overflow`, at C speed, so a
+flood like `yes` costs the worker little), then one system line says what was left out:
+`[output over this attempt's limit …: N lines (M bytes) not stored; the last lines follow]`.
+
 One flush is ONE non-transactional pipeline: an XADD (MAXLEN ~ log_max_lines) per line and
 one PUBLISH of the line count on the job's log channel (`Keys.log_channel`), a wake-up hint
 for followers (pub/sub is at-most-once, the stream is the record: RELIABILITY.md finding 7).
@@ -32,6 +37,7 @@ Stream = Literal["o", "e", "x"]
 Chunk = tuple[str, bool]  # (text, continued by the next chunk)
 
 BATCH_LINES = 200  # flush at once when this many lines wait
+TAIL_LINES = 1000  # at most this many lines of an overflowing stream's tail are kept
 MAX_BUFFERED = 10_000  # lines kept while Redis is unreachable; older ones are dropped
 CLOSE_TRIES = 3
 
@@ -80,6 +86,11 @@ class LineSplitter:
         self._partial = bytearray(rest)
         return out
 
+    def take_partial(self) -> bytes:
+        """Hand over the unfinished line (the stream goes on elsewhere, e.g. an Overflow)."""
+        rest, self._partial = bytes(self._partial), bytearray()
+        return rest
+
     def close(self) -> list[Chunk]:
         """The unfinished last line, if any (output that did not end with a newline)."""
         out: list[Chunk] = []
@@ -98,6 +109,37 @@ class LineSplitter:
         out.append((decode(line), False))
 
 
+class Overflow:
+    """One stream's output past the attempt's budget: counted with bytes.count (no Python
+    call per line), and its last `tail_bytes` kept."""
+
+    def __init__(self, tail_bytes: int) -> None:
+        self.tail_bytes = tail_bytes
+        self.total = 0
+        self.newlines = 0
+        self._tail = bytearray()
+
+    def feed(self, data: bytes) -> None:
+        self.total += len(data)
+        self.newlines += data.count(b"\n")
+        if self.tail_bytes:
+            self._tail += data
+            if len(self._tail) > 2 * self.tail_bytes:
+                del self._tail[: len(self._tail) - self.tail_bytes]
+
+    def finish(self, line_max_bytes: int) -> tuple[int, int, list[Chunk]]:
+        """(bytes, lines) not stored, and the tail as chunks (whole lines only)."""
+        tail = bytes(self._tail[-self.tail_bytes:]) if self.tail_bytes else b""
+        if len(tail) < self.total:  # cut somewhere: start after the first newline
+            tail = tail[tail.find(b"\n") + 1:] if b"\n" in tail else b""
+        extra = tail.count(b"\n") - TAIL_LINES
+        if extra > 0:
+            tail = tail.split(b"\n", extra)[-1]
+        skipped = (self.total - len(tail), self.newlines - tail.count(b"\n"))
+        splitter = LineSplitter(line_max_bytes)
+        return skipped[0], skipped[1], splitter.feed(tail) + splitter.close()
+
+
 def text_chunks(text: str, max_bytes: int) -> list[Chunk]:
     """Lines of a text the worker or a python job logs, cut like process output."""
     splitter = LineSplitter(max_bytes)
@@ -111,7 +153,11 @@ class LogWriter:
     passed since the first unflushed line (by whoever calls `flush_if_due`: the shell
     reader, or the Flusher thread for python jobs), and by `close` before the job
     finishes. Thread-safe. When Redis is unreachable the lines are kept (up to
-    MAX_BUFFERED) and sent with the next flush."""
+    MAX_BUFFERED) and sent with the next flush.
+
+    Budget: once `max_lines` lines or `max_bytes` characters were accepted, `full` is set
+    and further lines are only counted; `add_tail` then writes the note of what was left
+    out (once) and a bounded tail past the budget."""
 
     def __init__(
         self,
@@ -121,6 +167,7 @@ class LogWriter:
         *,
         flush_ms: int,
         max_lines: int,
+        max_bytes: int | None = None,
         on_pending: Callable[[], None] | None = None,
     ) -> None:
         self.client = client
@@ -129,7 +176,12 @@ class LogWriter:
         self.job_id = job_id
         self.flush_s = max(flush_ms, 0) / 1000.0
         self.max_lines = max_lines
+        self.max_bytes = max_bytes
         self.on_pending = on_pending
+        self.full = False
+        self._stored = (0, 0)  # lines, characters accepted within the budget
+        self._over = (0, 0)  # lines, bytes past it
+        self._noted = False
         self._lines: deque[tuple[Stream, int, str, bool]] = deque()
         self._first_at: float | None = None  # monotonic time of the first unflushed line
         self._dropped = 0
@@ -138,9 +190,13 @@ class LogWriter:
         self._send_lock = threading.Lock()
         self.written = 0
 
-    def add(self, stream: Stream, text: str, continued: bool = False) -> None:
+    def add(
+        self, stream: Stream, text: str, continued: bool = False, *, budget: bool = True
+    ) -> None:
         with self._lock:
             if self._closed:
+                return
+            if budget and not self._within_budget(text):
                 return
             if len(self._lines) >= MAX_BUFFERED:
                 self._lines.popleft()
@@ -158,6 +214,42 @@ class LogWriter:
     def add_chunks(self, stream: Stream, chunks: list[Chunk]) -> None:
         for text, continued in chunks:
             self.add(stream, text, continued)
+
+    def _within_budget(self, text: str) -> bool:
+        """Count a line against the budget (the caller holds the lock)."""
+        if self.full:
+            self._over = (self._over[0] + 1, self._over[1] + len(text) + 1)
+            return False
+        lines, chars = self._stored[0] + 1, self._stored[1] + len(text)
+        self._stored = (lines, chars)
+        self.full = lines >= self.max_lines or (
+            self.max_bytes is not None and chars >= self.max_bytes
+        )
+        return True
+
+    def overflowed(self, nbytes: int, lines: int) -> None:
+        """Count output a reader left out past the budget (see Overflow)."""
+        with self._lock:
+            self._over = (self._over[0] + lines, self._over[1] + nbytes)
+
+    def add_tail(self, stream: Stream, chunks: list[Chunk]) -> None:
+        """The note of what was left out (once), then the last lines, past the budget."""
+        self._note(tail=bool(chunks))
+        for text, continued in chunks:
+            self.add(stream, text, continued, budget=False)
+
+    def _note(self, tail: bool = False) -> None:
+        with self._lock:
+            lines, nbytes = self._over
+            if self._noted or (lines == 0 and nbytes == 0):
+                return
+            self._noted = True
+        limit = f"{self.max_lines} lines" + (
+            f" / {self.max_bytes} bytes" if self.max_bytes is not None else ""
+        )
+        follow = "; the last lines follow" if tail else ""
+        self.add("x", f"[output over this attempt's limit ({limit}): {lines} lines "
+                      f"({nbytes} bytes) not stored{follow}]", budget=False)
 
     def due_in(self) -> float | None:
         """Seconds until a time-based flush is due (0 if overdue), None if nothing waits."""
@@ -194,6 +286,7 @@ class LogWriter:
 
     def close(self) -> None:
         """Final flush (a few tries), then refuse further lines."""
+        self._note()
         for attempt in range(1, CLOSE_TRIES + 1):
             if self.flush():
                 break

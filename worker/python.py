@@ -1,4 +1,5 @@
-"""Python jobs: `"package.module:function"` called in the runner thread.
+"""Python jobs: `"package.module:function"` called in the runner thread, or, with
+`TIDAL_PYTHON_ISOLATION=process`, in a child interpreter (worker/child.py).
 
 Only modules on the worker's allow-list run: a module equal to an allowed name or inside
 it (`--allow-module tasks` allows `tasks.reports`); `common.tasks` is always allowed.
@@ -10,39 +11,47 @@ A function that declares a parameter named `ctx` receives a `JobContext`: `job_i
 down), `wait(seconds)` (a sleep that ends early on cancel) and `log(text)`, which writes
 to the job's log like stdout does.
 
-LIMITS — read before relying on timeouts. A thread cannot be killed (RELIABILITY.md
-finding 11). Cancel, timeout and shutdown are therefore cooperative for python jobs: the
+Thread mode (the default) — read before relying on timeouts. A thread cannot be killed
+(RELIABILITY.md finding 11). Cancel, timeout and shutdown are therefore cooperative: the
 function is told through `ctx.cancelled` and should return soon after. A function that
 returns after its deadline fails with reason `timeout` (its result is discarded), but
 until it returns it keeps its worker slot. At shutdown, after the grace period, a python
-job still running is finished as failed (`worker_shutdown`) and abandoned with the process.
-The function shares the worker process: its print() output is not captured (use
-ctx.log), and a crash of the interpreter (segfault, os._exit) takes the worker with it. A
-job that must be killable belongs in a shell job (e.g. `python -m …`).
+job still running is handed back to the queue and abandoned with the process. The
+function shares the worker process: its print() output is not captured (use ctx.log), and
+a crash of the interpreter (segfault, os._exit) takes the worker with it; the job is then
+requeued by the reaper and, lost that way more than `max_deliveries` times, fails as
+`poison`.
+
+Process mode: each attempt is a child interpreter run like a shell job (own process
+group and pids cgroup, output captured, print() included). Timeout, cancel and shutdown
+are SIGTERM (ctx.cancelled turns True) then SIGKILL after `kill_grace_s`: always
+enforced. A crash fails only that job, with reason `crashed`. It costs about 0.1 s of
+start-up per job, and arguments and results cross the process boundary as JSON.
 """
 
 from __future__ import annotations
 
-import importlib
-import inspect
+import os
+import shutil
+import sys
+import tempfile
 import traceback
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 import orjson
 
 from common.clock import monotonic
 from common.scripts import Outcome
+from worker import calls
+from worker.calls import BUILTIN_MODULE, MAX_RESULT_BYTES, is_allowed
 from worker.job import JobRun, abort_outcome
 from worker.output import LogWriter, text_chunks
+from worker.shell import Limits, job_env, run_process
 
-BUILTIN_MODULE = "common.tasks"
-MAX_RESULT_BYTES = 1024 * 1024
-
-
-def is_allowed(module: str, allowed: Iterable[str]) -> bool:
-    """Whether `module` is one of `allowed` or inside one of them."""
-    return any(module == name or module.startswith(name + ".") for name in allowed if name)
+__all__ = ["BUILTIN_MODULE", "MAX_RESULT_BYTES", "JobContext", "is_allowed", "run_python",
+           "run_python_isolated"]
 
 
 class JobContext:
@@ -79,37 +88,18 @@ class JobContext:
             self._writer.add_chunks("o", text_chunks(line, self._line_max))
 
 
-def _wants_ctx(func: Callable[..., Any]) -> bool:
-    try:
-        return "ctx" in inspect.signature(func).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 def _load(function: str, allowed: Iterable[str]) -> Callable[..., Any] | Outcome:
-    module_name, _, name = function.partition(":")
-    if not is_allowed(module_name, allowed):
-        error = f"module {module_name!r} is not on this worker's allow-list"
-        return Outcome("failed", None, error=error, reason="not_allowed")
     try:
-        func = getattr(importlib.import_module(module_name), name)
-    except Exception as exc:
-        return Outcome("failed", None, error=f"{type(exc).__name__}: {exc}", reason="import_error")
-    if not callable(func):
-        return Outcome("failed", None, error=f"{function} is not callable", reason="import_error")
-    return func  # type: ignore[no-any-return]
+        return calls.load(function, allowed)
+    except calls.CallFailed as exc:
+        return Outcome("failed", None, error=exc.error, reason=exc.reason)
 
 
 def _encode(value: Any) -> Outcome:
     try:
-        text = orjson.dumps(value)
-    except TypeError as exc:
-        error = f"the result is not JSON: {exc}"
-        return Outcome("failed", None, error=error, reason="result_not_json")
-    if len(text) > MAX_RESULT_BYTES:
-        error = f"the result is {len(text)} bytes, over the {MAX_RESULT_BYTES} limit"
-        return Outcome("failed", None, error=error, reason="result_too_large")
-    return Outcome("completed", None, result=text.decode())
+        return Outcome("completed", None, result=calls.encode(value))
+    except calls.CallFailed as exc:
+        return Outcome("failed", None, error=exc.error, reason=exc.reason)
 
 
 def run_python(
@@ -127,7 +117,7 @@ def run_python(
         return func
     deadline = monotonic() + timeout_s
     kwargs = dict(run.spec.kwargs)
-    if _wants_ctx(func) and "ctx" not in kwargs:
+    if calls.wants_ctx(func) and "ctx" not in kwargs:
         kwargs["ctx"] = JobContext(run, writer, deadline, line_max_bytes)
     try:
         value = func(*run.spec.args, **kwargs)
@@ -142,3 +132,58 @@ def run_python(
     if monotonic() > deadline:
         return Outcome("failed", None, error=f"timed out after {timeout_s:g}s", reason="timeout")
     return outcome
+
+
+# -- process mode -----------------------------------------------------------------------------
+
+
+def child_env(run: JobRun) -> dict[str, str]:
+    """The job's environment, with the worker's import path (allowed modules and the
+    worker package are found as in the worker)."""
+    env = job_env(run)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def run_python_isolated(
+    run: JobRun, writer: LogWriter, *, allowed: Iterable[str], limits: Limits
+) -> Outcome:
+    """Run the job's function in a child interpreter and say how it ended."""
+    try:  # refused before anything starts
+        calls.check_allowed(run.spec.function or "", allowed)
+    except calls.CallFailed as exc:
+        writer.add("x", exc.error)
+        return Outcome("failed", None, error=exc.error, reason=exc.reason)
+    tmp = Path(tempfile.mkdtemp(prefix=f"tidal-{run.job_id}-"))
+    try:
+        call_path, result_path = tmp / "call.json", tmp / "result.json"
+        call_path.write_bytes(orjson.dumps({
+            "function": run.spec.function, "args": run.spec.args, "kwargs": run.spec.kwargs,
+            "allowed": list(allowed), "job_id": run.job_id, "attempt": run.attempt,
+            "timeout_s": limits.timeout_s,
+        }))
+        argv = [sys.executable, "-m", "worker.child", str(call_path), str(result_path)]
+        done = run_process(run, writer, argv, child_env(run), limits)
+        if isinstance(done, Outcome):
+            return done
+        outcome = done.outcome()
+        if done.kill_reason is not None or outcome.reason == "pids_limit":
+            return outcome
+        return _child_outcome(result_path, outcome)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _child_outcome(result_path: Path, process: Outcome) -> Outcome:
+    """The function's outcome from RESULT, or `crashed` when the child left none."""
+    try:
+        doc = orjson.loads(result_path.read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        how = f"exited with {process.exit_code}" if process.reason == "exit_code" else (
+            f"was {process.error}" if process.error else "ended")
+        error = f"the python process {how} before the function returned"
+        return Outcome("failed", process.exit_code, error=error, reason="crashed")
+    if doc.get("ok"):
+        return Outcome("completed", None, result=str(doc["result"]))
+    return Outcome("failed", None, error=str(doc.get("error")), reason=str(doc.get("reason")))

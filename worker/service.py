@@ -9,10 +9,14 @@ Threads (STYLE.md item 8):
 - the control thread: SUBSCRIBE to the worker's control channel (`cancel <job id>`);
 - the log flusher thread: time-based flushes of python jobs' logs.
 
-Stop: the consumer stops reading; running jobs get `shutdown_grace_s` to end; the rest
-are stopped (process groups killed) and finished as failed, reason `worker_shutdown`, so
-their retry policy applies. Entries read but not started stay pending under this worker's
-name and are reclaimed once its heartbeat expires.
+Stop (SIGTERM): the consumer stops reading; running jobs get `shutdown_grace_s` to end.
+The rest are HANDED BACK at once: their process trees are killed first, then reclaim.lua
+requeues each with its place in the queue (fenced by the token; like any lost attempt it
+spends no retry but counts towards `max_deliveries`), so another worker runs them now,
+not after this worker's lease. Entries read but never started, and anything else still
+pending under this worker's name, are handed back the same way; then the worker deletes
+its consumer (only with an empty pending list) and its heartbeat, and exits 0. A python
+job running in a thread cannot be stopped: it is handed back and dies with the process.
 """
 
 from __future__ import annotations
@@ -26,9 +30,11 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from functools import cached_property
 from typing import Any
 
 import orjson
+import psutil
 import redis
 from structlog.contextvars import bound_contextvars
 
@@ -41,10 +47,12 @@ from common.models import JobSubmission
 from common.redis import connect
 from common.settings import Settings
 from common.streams import ensure_group
-from worker.job import CANCELLED, LOST, SHUTDOWN, JobRun, abort_outcome
+from worker.cgroup import Cgroups
+from worker.job import CANCELLED, LOST, SHUTDOWN, JobRun
+from worker.options import WorkerOptions
 from worker.output import Flusher, LogWriter
-from worker.python import BUILTIN_MODULE, run_python
-from worker.shell import DRAIN_S, run_shell
+from worker.python import BUILTIN_MODULE, run_python, run_python_isolated
+from worker.shell import DRAIN_S, Limits, job_env, run_process
 
 VERSION = "0.1.0"
 FINISH_TRIES_WHEN_STOPPING = 5
@@ -52,6 +60,7 @@ FINISH_TRIES_WHEN_STOPPING = 5
 log = get_logger("tidal.worker")
 
 Entry = tuple[str, str, str]  # (queue, dispatch entry id, job id)
+_NO_SPEC = JobSubmission(command=["true"])  # for entries handed back without being read
 
 
 def new_worker_id() -> str:
@@ -60,9 +69,15 @@ def new_worker_id() -> str:
 
 class Worker:
     def __init__(
-        self, settings: Settings, *, client: redis.Redis | None = None, block_ms: int = 1000
+        self,
+        settings: Settings,
+        *,
+        client: redis.Redis | None = None,
+        block_ms: int = 1000,
+        options: WorkerOptions | None = None,
     ) -> None:
         self.settings = settings
+        self.options = options if options is not None else WorkerOptions()
         self.keys = Keys(settings.prefix)
         self._own_client = client is None
         self.client: redis.Redis = client if client is not None else connect(settings.redis_url)
@@ -85,16 +100,22 @@ class Worker:
         self._unsure: set[str] = set()  # entries whose start call failed midway
         self._pool = ThreadPoolExecutor(max_workers=self.slots, thread_name_prefix="tidal-run")
         self._flusher = Flusher()
+        self.cgroups: Cgroups | None = None
+        self._confirm_lock = threading.Lock()
         self.abandoned = 0  # python jobs still executing when run() returned
+        self.handed_back = 0  # jobs requeued at shutdown
 
     # -- public ------------------------------------------------------------------------
 
     def run(self) -> None:
         """Serve until `stop()`; returns when every job has been finished or handed back."""
         with bound_contextvars(worker_id=self.id):
-            log.info("worker starting", queues=self.queues, slots=self.slots)
+            log.info("worker starting", queues=self.queues, slots=self.slots,
+                     python_isolation=self.options.python_isolation)
             helpers: list[threading.Thread] = []
             try:
+                self.cgroups = Cgroups.create(self.id, self.options.job_pids_max,
+                                              self.options.job_cgroup_root)
                 if not self._start_up():
                     return
                 helpers = [
@@ -116,6 +137,16 @@ class Worker:
             self._force.set()
         with self._slots:
             self._slots.notify_all()
+
+    @cached_property
+    def resources(self) -> dict[str, str | int]:
+        """What this worker offers the scheduler's resource ledger (settings, else detected)."""
+        s = self.settings
+        cpu = s.worker_cpu if s.worker_cpu is not None else float(os.cpu_count() or 1)
+        mem = s.worker_memory_mb
+        if mem is None:
+            mem = psutil.virtual_memory().total // (1024 * 1024)
+        return {"cpu": str(cpu), "memory_mb": int(mem), "gpu": s.worker_gpu}
 
     def running_ids(self) -> list[str]:
         with self._slots:
@@ -145,25 +176,40 @@ class Worker:
         return thread
 
     def _drain(self) -> None:
-        """Give running jobs the grace period, then stop and finish the rest."""
+        """Give running jobs the grace period, then hand back the rest (see the module
+        docstring): stop them, wait for their runners to kill the process trees and hand
+        them back; python jobs in threads cannot be stopped, so they are handed back from
+        here and die with the process."""
         self._wait_idle(self.grace_s)
         with self._slots:
             left = list(self._running.values())
         if not left:
             return
-        log.warning("grace period over: stopping jobs", jobs=[run.job_id for run in left])
+        log.warning("grace period over: handing jobs back", jobs=[run.job_id for run in left])
+        threads = {run for run in left if self._in_thread(run)}
         for run in left:
             run.abort(SHUTDOWN)
-            if run.kind == "python":  # a thread cannot be stopped: finish it from here
-                self._finish(run, abort_outcome(SHUTDOWN))
+        self._wait_idle(self.settings.kill_grace_s + DRAIN_S + 2.0, force_ok=False,
+                        keep=threads)
+        for run in threads:
+            with self._slots:
+                still_running = self._running.get(run.job_id) is run
+            if run.claim_finish():
+                self._hand_back([run])
+            if still_running:
                 self._release(run)
                 self.abandoned += 1
-        self._wait_idle(self.settings.kill_grace_s + DRAIN_S + 2.0, force_ok=False)
 
-    def _wait_idle(self, timeout_s: float, force_ok: bool = True) -> None:
+    def _wait_idle(
+        self, timeout_s: float, force_ok: bool = True, keep: set[JobRun] | frozenset[JobRun]
+        = frozenset()
+    ) -> None:
+        """Wait until no job but those in `keep` runs (or the timeout, or a second signal)."""
         deadline = monotonic() + timeout_s
         with self._slots:
-            while self._running and not (force_ok and self._force.is_set()):
+            while set(self._running.values()) - keep and not (
+                force_ok and self._force.is_set()
+            ):
                 left = deadline - monotonic()
                 if left <= 0:
                     return
@@ -176,6 +222,10 @@ class Worker:
         for thread in helpers:
             thread.join(timeout=5.0)
         self._pool.shutdown(wait=False, cancel_futures=True)
+        if helpers:  # it had started: leave nothing behind in Redis
+            self._leave()
+        if self.cgroups is not None:
+            self.cgroups.close()
         if self._own_client:
             self.client.close()
 
@@ -289,7 +339,13 @@ class Worker:
             return
         run = JobRun(job_id, queue, entry_id, attempt, spec)
         with self._slots:
+            stale = self._running.get(job_id)
             self._running[job_id] = run
+        if stale is not None and stale.abort(LOST):
+            # start.lua just gave the job a new attempt here, so the one this worker still
+            # runs was reclaimed while it was away (frozen past its TTL): stop that copy
+            log.warning("a newer attempt replaces a stale one", job_id=job_id,
+                        stale=stale.attempt, attempt=attempt)
         self._pool.submit(contextvars.copy_context().run, self._run_job, run)
 
     # -- runner threads ----------------------------------------------------------------
@@ -300,6 +356,7 @@ class Worker:
                 writer = LogWriter(
                     self.client, self.keys, run.job_id,
                     flush_ms=self.settings.log_flush_ms, max_lines=self.settings.log_max_lines,
+                    max_bytes=self.options.log_max_bytes,
                 )
                 outcome = self._execute(run, writer)
                 writer.close()
@@ -311,23 +368,61 @@ class Worker:
             finally:
                 self._release(run)
 
+    def _in_thread(self, run: JobRun) -> bool:
+        return run.kind == "python" and self.options.python_isolation == "thread"
+
+    def _still_ours(self, run: JobRun) -> bool:
+        """Asked right before a job's process (or thread job) starts: True only while a
+        heartbeat sent less than half a TTL ago found the attempt still ours, so its lease
+        surely holds. A worker frozen (SIGSTOP, a VM pause) or cut off after start.lua may
+        have lost the attempt to the reaper meanwhile; it then beats first and learns so,
+        instead of starting a process another attempt may already run. One beat (under a
+        lock) confirms every job launched so far. While Redis does not answer, the job
+        waits (at shutdown it is handed back). A freeze between this check and the fork
+        is the window no lease can close (docs/reliability.md)."""
+        half_ttl = self.settings.worker_ttl_s / 2
+        failures = 0
+        with self._confirm_lock:
+            while run.abort_reason is None and monotonic() - run.confirmed_at >= half_ttl:
+                try:
+                    self._beat()
+                except redis.RedisError as exc:
+                    if self._stop.is_set():
+                        run.abort(SHUTDOWN)
+                        break
+                    failures += 1
+                    log.warning("lease not confirmed yet: job waits", error=str(exc),
+                                tries=failures)
+                    time.sleep(retry_delay_s(failures, 0.1, 2.0, 5.0))
+        return run.abort_reason is None
+
     def _execute(self, run: JobRun, writer: LogWriter) -> sc.Outcome:
         s = self.settings
         timeout_s = run.spec.timeout or s.default_timeout_s
         log.debug("job started", kind=run.kind, queue=run.queue)
-        if run.kind == "shell":
-            return run_shell(
-                run, writer, timeout_s=timeout_s, kill_grace_s=s.kill_grace_s,
-                line_max_bytes=s.log_line_max_bytes,
-            )
-        self._flusher.add(writer)
+        if self._in_thread(run):
+            if not self._still_ours(run):
+                return sc.Outcome("failed", None, error="not started: the attempt is no "
+                                  "longer this worker's", reason=LOST)
+            self._flusher.add(writer)
+            try:
+                return run_python(
+                    run, writer, allowed=self.allowed, timeout_s=timeout_s,
+                    line_max_bytes=s.log_line_max_bytes,
+                )
+            finally:
+                self._flusher.remove(writer)
+        cgroup = self.cgroups.job(f"{run.job_id}-{run.attempt}") if self.cgroups else None
+        limits = Limits(timeout_s, s.kill_grace_s, s.log_line_max_bytes,
+                        self.options.log_tail_bytes, cgroup, lambda: self._still_ours(run))
         try:
-            return run_python(
-                run, writer, allowed=self.allowed, timeout_s=timeout_s,
-                line_max_bytes=s.log_line_max_bytes,
-            )
+            if run.kind == "python":
+                return run_python_isolated(run, writer, allowed=self.allowed, limits=limits)
+            done = run_process(run, writer, run.spec.argv(), job_env(run), limits)
+            return done if isinstance(done, sc.Outcome) else done.outcome()
         finally:
-            self._flusher.remove(writer)
+            if cgroup is not None:
+                cgroup.remove()
 
     def _release(self, run: JobRun) -> None:
         with self._slots:
@@ -342,6 +437,9 @@ class Worker:
             return
         if run.abort_reason == LOST:
             log.warning("job lost to another attempt while this worker was away; not finished")
+            return
+        if run.abort_reason == SHUTDOWN:
+            self._hand_back([run])
             return
         spec = run.spec
         delay = retry_delay_s(run.attempt, spec.retry_delay, spec.retry_backoff,
@@ -377,6 +475,62 @@ class Worker:
         else:
             log.warning("finish refused", code=result, state=outcome.state)
 
+    # -- handing back at shutdown --------------------------------------------------------
+
+    def _hand_back(self, runs: list[JobRun]) -> None:
+        """Requeue attempts this worker gives up, at once: reclaim.lua, fenced by each
+        token (a job another attempt owns by now is left alone)."""
+        by_queue: dict[str, list[tuple[str, str]]] = {}
+        for run in runs:
+            by_queue.setdefault(run.queue, []).append((run.token, run.job_id))
+        for queue, entries in by_queue.items():
+            call = sc.reclaim(
+                self.keys, queue, entries, max_deliveries=self.settings.max_deliveries,
+                events_maxlen=self.settings.events_maxlen, ttl_s=self.settings.job_ttl_s,
+                by=self.id,
+            )
+            if self._call_while_stopping(call, "hand back jobs") is not None:
+                self.handed_back += len(entries)
+                log.info("jobs handed back", queue=queue, jobs=[j for _, j in entries])
+
+    def _call_while_stopping(self, call: sc.Call, what: str) -> Any:
+        """Run a script a few times on Redis errors; None when Redis stays away (what
+        was not done is then left for the reaper, once this worker's heartbeat expires)."""
+        for tries in range(1, FINISH_TRIES_WHEN_STOPPING + 1):
+            try:
+                return self.scripts.run(call)
+            except redis.RedisError as exc:
+                if tries == FINISH_TRIES_WHEN_STOPPING:
+                    log.error(f"cannot {what}: left for the reaper", error=str(exc))
+                    return None
+                time.sleep(retry_delay_s(tries, 0.1, 2.0, 2.0))
+        return None
+
+    def _leave(self) -> None:
+        """Hand back whatever is still pending under this worker's name (entries read but
+        not started, replies lost on the way), then remove its consumer and heartbeat."""
+        try:
+            for queue in self.queues:
+                stream = self.keys.dispatch(queue)
+                pending = self.client.xpending_range(
+                    stream, GROUP_WORKERS, min="-", max="+", count=10_000, consumername=self.id)
+                ids = [p["message_id"] for p in pending]
+                entries = [(eid, f["id"]) for i in ids for eid, f in self.client.xrange(
+                    stream, i, i) if f and "id" in f]
+                runs = [JobRun(job_id, queue, eid, 0, _NO_SPEC) for eid, job_id in entries]
+                if runs:
+                    self._hand_back(runs)
+                gone = set(ids) - {eid for eid, _ in entries}
+                if gone:  # entries deleted under us: nothing to hand back
+                    self.client.xack(stream, GROUP_WORKERS, *gone)
+                if not self.client.xpending_range(stream, GROUP_WORKERS, min="-", max="+",
+                                                  count=1, consumername=self.id):
+                    self.client.xgroup_delconsumer(stream, GROUP_WORKERS, self.id)
+            self.client.delete(self.keys.worker(self.id))
+            self.client.zrem(self.keys.workers(), self.id)
+        except redis.RedisError as exc:
+            log.error("cannot leave cleanly: left for the reaper", error=str(exc))
+
     # -- heartbeat and control -----------------------------------------------------------
 
     def _heartbeat_loop(self) -> None:
@@ -390,12 +544,15 @@ class Worker:
                 failures += 1
                 log.warning("heartbeat failed", error=str(exc), tries=failures)
                 wait = retry_delay_s(failures, min(0.25, period), 2.0, period)
+            if self.cgroups is not None:
+                self.cgroups.sweep()
             if self._halt.wait(wait):
                 return
 
     def _beat(self) -> None:
         with self._slots:
-            running = [(job_id, run.token) for job_id, run in self._running.items()]
+            runs = list(self._running.values())
+        running = [(run.job_id, run.token) for run in runs]
         fields: dict[str, str | int] = {
             "hostname": self.hostname,
             "pid": os.getpid(),
@@ -403,10 +560,16 @@ class Worker:
             "slots": self.slots,
             "started_at": self.started_at,
             "version": VERSION,
+            **self.resources,
         }
         call = sc.heartbeat(self.keys, self.id, running, fields,
                             ttl_ms=int(self.settings.worker_ttl_s * 1000))
+        sent_at = monotonic()
         cancelled, lost = self.scripts.run(call)
+        gone = {str(job_id) for job_id in lost}
+        for run in runs:
+            if run.job_id not in gone:
+                run.confirmed_at = max(run.confirmed_at, sent_at)
         for job_id in cancelled:
             self._cancel_local(str(job_id), via="heartbeat")
         for job_id in lost:

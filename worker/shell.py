@@ -13,6 +13,10 @@
   finished job outlives it.
 - Exec failures (missing command or cwd, permission denied, E2BIG …) fail the job with
   reason `exec_error` and a `system` log line; the worker keeps serving.
+- With a pids cgroup (worker/cgroup.py) the job is spawned inside it, every process in it
+  is killed when the job ends, and a job that hit the cgroup's `pids.max` fails with
+  reason `pids_limit` (a fork bomb), whatever its exit code.
+- Output past the attempt's budget is counted, not stored; its tail is kept (`Overflow`).
 """
 
 from __future__ import annotations
@@ -21,6 +25,9 @@ import os
 import selectors
 import signal
 import subprocess
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import IO
 
 import psutil
@@ -28,8 +35,9 @@ import psutil
 from common.clock import monotonic
 from common.scripts import Outcome
 from worker import process as pg
+from worker.cgroup import JobCgroup
 from worker.job import JobRun, abort_outcome
-from worker.output import LineSplitter, LogWriter, Stream
+from worker.output import LineSplitter, LogWriter, Overflow, Stream
 
 READ_BYTES = 64 * 1024
 DRAIN_S = 1.0  # how long pipes may stay open after the leader exited
@@ -41,7 +49,21 @@ _STOP_NOTE = {
     "timeout": "timed out after {timeout:g}s: stopping the process group",
     "cancelled": "cancelled: stopping the process group",
     "worker_shutdown": "the worker is shutting down: stopping the process group",
+    "lost": "another attempt owns this job now: stopping the process group",
 }
+
+
+@dataclass(frozen=True)
+class Limits:
+    """How one process-group attempt is bounded."""
+
+    timeout_s: float
+    kill_grace_s: float
+    line_max_bytes: int
+    tail_bytes: int = 64 * 1024
+    cgroup: JobCgroup | None = None
+    # asked right before the spawn: False means the attempt is no longer ours
+    may_start: Callable[[], bool] | None = None
 
 
 def job_env(run: JobRun) -> dict[str, str]:
@@ -59,47 +81,59 @@ def run_shell(
     timeout_s: float,
     kill_grace_s: float,
     line_max_bytes: int,
+    tail_bytes: int = 64 * 1024,
+    cgroup: JobCgroup | None = None,
 ) -> Outcome:
     """Run one shell attempt to its end and say how it ended."""
-    argv = run.spec.argv()
+    limits = Limits(timeout_s, kill_grace_s, line_max_bytes, tail_bytes, cgroup)
+    done = run_process(run, writer, run.spec.argv(), job_env(run), limits)
+    return done if isinstance(done, Outcome) else done.outcome()
+
+
+def run_process(
+    run: JobRun, writer: LogWriter, argv: list[str], env: dict[str, str], limits: Limits
+) -> ShellSession | Outcome:
+    """Start `argv` in a new session (inside the attempt's cgroup, if any) and pump it to
+    its end; the finished session, or the outcome of an exec error (or of a start that
+    `may_start` refused, asked as late as possible)."""
     try:
-        proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            start_new_session=True,
-            cwd=run.spec.cwd,
-            env=job_env(run),
-        )
+        with limits.cgroup.entered() if limits.cgroup else nullcontext():
+            if limits.may_start is not None and not limits.may_start():
+                return Outcome("failed", None, error="not started: the attempt is no longer "
+                               "this worker's", reason="lost")
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
+                cwd=run.spec.cwd,
+                env=env,
+            )
     except (OSError, ValueError) as exc:
         text = f"cannot execute {argv[0]!r}: {exc}"
-        writer.add("x", text)
+        writer.add("x", text, budget=False)
         return Outcome("failed", None, error=text, reason="exec_error")
-    session = ShellSession(proc, run, writer, timeout_s, kill_grace_s, line_max_bytes)
+    session = ShellSession(proc, run, writer, limits)
     try:
         session.pump()
     finally:
         session.cleanup()
-    return session.outcome()
+    return session
 
 
 class ShellSession:
     """The select loop of one running process group."""
 
     def __init__(
-        self,
-        proc: subprocess.Popen[bytes],
-        run: JobRun,
-        writer: LogWriter,
-        timeout_s: float,
-        kill_grace_s: float,
-        line_max_bytes: int,
+        self, proc: subprocess.Popen[bytes], run: JobRun, writer: LogWriter, limits: Limits
     ) -> None:
-        self.proc, self.run, self.writer = proc, run, writer
+        self.proc, self.run, self.writer, self.limits = proc, run, writer, limits
         self.pgid = proc.pid  # a new session: the leader's pid is the group id
-        self.timeout_s, self.kill_grace_s = timeout_s, kill_grace_s
-        self.deadline = monotonic() + timeout_s
+        self.timeout_s, self.kill_grace_s = limits.timeout_s, limits.kill_grace_s
+        self.deadline = monotonic() + limits.timeout_s
+        self.cgroup = limits.cgroup
+        self.limit_hits = 0  # forks refused at the cgroup's pids.max
         self.kill_reason: str | None = None
         self.kill_at: float | None = None  # when SIGKILL follows the SIGTERM
         self.killed = False
@@ -108,13 +142,14 @@ class ShellSession:
         self.tree: list[psutil.Process] = []
         self.sel = selectors.DefaultSelector()
         self.splitters: dict[int, tuple[Stream, LineSplitter]] = {}
+        self.overflows: dict[Stream, Overflow] = {}
         assert proc.stdout is not None and proc.stderr is not None
         pipes: list[tuple[Stream, IO[bytes]]] = [("o", proc.stdout), ("e", proc.stderr)]
         for stream, pipe in pipes:
             fd = pipe.fileno()
             os.set_blocking(fd, False)
             self.sel.register(fd, selectors.EVENT_READ, "pipe")
-            self.splitters[fd] = (stream, LineSplitter(line_max_bytes))
+            self.splitters[fd] = (stream, LineSplitter(limits.line_max_bytes))
         self.pidfd = pg.pidfd(proc.pid)
         if self.pidfd is not None:
             self.sel.register(self.pidfd, selectors.EVENT_READ, "exit")
@@ -183,15 +218,26 @@ class ShellSession:
         except OSError:
             data = b""
         stream, splitter = self.splitters[fd]
-        if data:
-            self.writer.add_chunks(stream, splitter.feed(data))
-        else:
+        if not data:
             self._close_pipe(fd)
+        elif self.writer.full:  # past the budget: count the rest, keep its tail
+            self._overflow(stream, splitter).feed(data)
+        else:
+            self.writer.add_chunks(stream, splitter.feed(data))
+
+    def _overflow(self, stream: Stream, splitter: LineSplitter) -> Overflow:
+        if stream not in self.overflows:
+            self.overflows[stream] = Overflow(self.limits.tail_bytes)
+            self.overflows[stream].feed(splitter.take_partial())
+        return self.overflows[stream]
 
     def _close_pipe(self, fd: int) -> None:
         stream, splitter = self.splitters.pop(fd)
         self.sel.unregister(fd)
-        self.writer.add_chunks(stream, splitter.close())
+        if self.writer.full:
+            self._overflow(stream, splitter)
+        else:
+            self.writer.add_chunks(stream, splitter.close())
 
     def _mark_exited(self) -> None:
         self.exited = True
@@ -219,6 +265,8 @@ class ShellSession:
         self.tree += pg.descendants(self.proc.pid)
         pg.signal_group(self.pgid, signal.SIGKILL)
         pg.kill_all(self.tree, signal.SIGKILL)
+        if self.cgroup is not None:
+            self.cgroup.kill()
 
     # -- the end -----------------------------------------------------------------------
 
@@ -234,6 +282,12 @@ class ShellSession:
                 self._close_pipe(fd)
         pg.signal_group(self.pgid, signal.SIGKILL)
         pg.kill_all(self.tree, signal.SIGKILL)
+        if self.cgroup is not None:
+            self.limit_hits = self.cgroup.limit_hits()
+            self.cgroup.kill()
+        self._write_overflows()
+        if self.limit_hits:
+            self.writer.add("x", self._pids_error(), budget=False)
         try:
             self.proc.wait(timeout=REAP_S)
         except subprocess.TimeoutExpired:
@@ -247,13 +301,29 @@ class ShellSession:
         self.sel.close()
         self.run.close_wake()
 
+    def _write_overflows(self) -> None:
+        tails = []
+        for stream, overflow in self.overflows.items():
+            nbytes, lines, chunks = overflow.finish(self.limits.line_max_bytes)
+            self.writer.overflowed(nbytes, lines)
+            tails.append((stream, chunks))
+        for stream, chunks in tails:
+            self.writer.add_tail(stream, chunks)
+
+    def _pids_error(self) -> str:
+        limit = self.cgroup.pids_max if self.cgroup is not None else 0
+        return (f"the job tried to run more than {limit} processes at once "
+                f"({self.limit_hits} forks refused at pids.max)")
+
     def outcome(self) -> Outcome:
+        if self.kill_reason is not None and self.kill_reason != "timeout":
+            return abort_outcome(self.kill_reason)
+        if self.limit_hits:
+            return Outcome("failed", None, error=self._pids_error(), reason="pids_limit")
         if self.kill_reason == "timeout":
             return Outcome(
                 "failed", None, error=f"timed out after {self.timeout_s:g}s", reason="timeout"
             )
-        if self.kill_reason is not None:
-            return abort_outcome(self.kill_reason)
         code = self.proc.returncode
         if code is None:
             return Outcome("failed", None, error="the process did not end", reason="signal")

@@ -18,6 +18,7 @@ import pytest
 import redis
 
 from common import scripts as sc
+from common.clock import monotonic
 from common.jobs import job_from_hash, new_job_id, submission_fields
 from common.keys import GROUP_SCHEDULERS, GROUP_WORKERS, Keys
 from common.models import JobSubmission
@@ -38,13 +39,14 @@ def enqueue(r: redis.Redis, keys: Keys, **spec: Any) -> str:
     sub = JobSubmission.model_validate(spec)
     s.run(sc.submit(keys, job_id, "alice", submission_fields(sub), events_maxlen=MAXLEN))
     ensure_group(r, keys.submissions(), GROUP_SCHEDULERS)
-    entries = []
-    for _stream, items in r.xreadgroup(GROUP_SCHEDULERS, "s1", {keys.submissions(): ">"}):
-        for entry_id, fields in items:
-            entries.append((entry_id, fields["id"], r.hget(keys.job(fields["id"]), "queue")))
+    entries = [
+        sc.Admission(entry_id, f["id"], f["q"], f["h"] or None)
+        for _stream, items in r.xreadgroup(GROUP_SCHEDULERS, "s1", {keys.submissions(): ">"})
+        for entry_id, f in items
+    ]
     s.run(sc.admit(keys, entries, events_maxlen=MAXLEN, priority_step_ms=300_000, by="s1"))
-    sent = s.run(sc.dispatch(keys, sub.queue, [job_id], capacity=1000, events_maxlen=MAXLEN,
-                             by="s1"))
+    sent, _held = s.run(sc.dispatch(keys, sub.queue, [job_id], capacity=sc.Capacity(1000),
+                                    events_maxlen=MAXLEN, by="s1"))
     assert sent == 1
     return job_id
 
@@ -302,6 +304,38 @@ def test_heartbeat_registers_the_worker(settings: Settings, keys: Keys, r: redis
     assert processes("sleep 90") == []
 
 
+def test_a_job_lost_before_it_started_is_never_started(
+    settings: Settings, keys: Keys, r: redis.Redis, tmp_path: Any
+) -> None:
+    """The attempt is given to someone else between start.lua and the spawn (as when the
+    worker froze there past its TTL): the lease check before the spawn finds out, and the
+    job's process never runs."""
+    reassigned: list[str] = []
+
+    def prepare(worker: Worker) -> None:
+        real = worker.scripts.run
+
+        def reclaimed_meanwhile(call: sc.Call, pipe: Any = None) -> Any:
+            out = real(call, pipe)
+            if call.script == "start" and not reassigned:
+                job_id = call.keys[-1].rsplit(":", 1)[1]
+                r.hset(keys.job(job_id), "dispatch_id", "1-1")  # another attempt's token
+                reassigned.append(job_id)
+            return out
+
+        worker.scripts.run = reclaimed_meanwhile  # type: ignore[method-assign]
+
+    marker = tmp_path / "ran"
+    with serving(settings, prepare) as worker:
+        job = enqueue(r, keys, command=f"touch {marker}")
+        wait_for(lambda: reassigned and not worker.running_ids(), what="the attempt dropped")
+        other = enqueue(r, keys, command=["true"])
+        assert wait_done(r, keys, other)["state"] == "completed"
+    assert reassigned == [job] and not marker.exists()
+    assert (r.hget(keys.job(job), "state"), r.hget(keys.job(job), "dispatch_id")) == (
+        "running", "1-1")  # nothing written for the lost attempt
+
+
 def test_stale_attempt_is_dropped_and_the_worker_goes_on(
     settings: Settings, keys: Keys, r: redis.Redis
 ) -> None:
@@ -386,32 +420,55 @@ def test_malformed_dispatch_entry_is_dropped(
     assert r.xpending(keys.dispatch("default"), GROUP_WORKERS)["pending"] == 0
 
 
+def last_event(r: redis.Redis, keys: Keys, job_id: str) -> dict[str, str]:
+    return [f for _, f in r.xrange(keys.events()) if f["job"] == job_id][-1]
+
+
 @pytest.mark.timeout(30)
-def test_graceful_stop(settings: Settings, keys: Keys, r: redis.Redis) -> None:
-    graced = settings.model_copy(update={"kill_grace_s": 0.5, "shutdown_grace_s": 1.0})
+def test_graceful_stop_hands_back_what_outlives_the_grace(
+    settings: Settings, keys: Keys, r: redis.Redis
+) -> None:
+    # three slots, all busy: the fourth entry is read by the test under the worker's name
+    graced = settings.model_copy(update={"kill_grace_s": 0.5, "shutdown_grace_s": 1.0,
+                                         "concurrency": 3})
     worker = Worker(graced, block_ms=100)
     thread = threading.Thread(target=worker.run)
     thread.start()
     try:
-        short = enqueue(r, keys, command="sleep 0.3; echo done")
+        short = enqueue(r, keys, command="sleep 0.6; echo done")
         long = enqueue(r, keys, command=["sleep", "89"], retries=1)
         py = enqueue(r, keys, kind="python", function="common.tasks:sleep", args=[1.5])
         wait_for(lambda: all(state(r, keys, j) == "running" for j in (short, long, py)))
         procs = processes("sleep 89")
+        # an entry read under the worker's name whose reply never arrived (never started)
+        unread = enqueue(r, keys, command=["true"])
+        r.xreadgroup(GROUP_WORKERS, worker.id, {keys.dispatch("default"): ">"})
+        stopped_at = monotonic()
         worker.stop()
         thread.join(timeout=10)
         assert not thread.is_alive()
+        took = monotonic() - stopped_at
     finally:
         worker.stop(force=True)
         thread.join(timeout=10)
-    hs, hl, hp = (r.hgetall(keys.job(j)) for j in (short, long, py))
+    hs, hl, hp, hu = (r.hgetall(keys.job(j)) for j in (short, long, py, unread))
     assert hs["state"] == "completed" and log_lines(r, keys, short) == ["done"]
-    assert (hl["state"], hl["reason"]) == ("retrying", "worker_shutdown")
-    assert r.zscore(keys.delayed(), long) is not None
-    assert (hp["state"], hp["reason"]) == ("failed", "worker_shutdown")
-    assert worker.abandoned == 1
+    # handed back at once: queued again with their old place, no retry spent
+    for h, job in ((hl, long), (hp, py), (hu, unread)):
+        assert (h["state"], h["dispatch_id"], h["worker"]) == ("queued", "", "")
+        assert r.zscore(keys.queue("default"), job) == float(h["score"])
+        event = last_event(r, keys, job)
+        assert (event["state"], event["reason"]) == ("queued", "worker_lost")
+    assert (hl["lost"], hp["lost"], hu.get("lost")) == ("1", "1", None)  # started ones count
+    assert worker.handed_back == 3 and worker.abandoned == 1
     assert gone(procs)
+    assert took < 1.0 + 0.5 + 3.0  # the grace, the kill grace, and a little
     assert r.xpending(keys.dispatch("default"), GROUP_WORKERS)["pending"] == 0
+    # it left nothing behind: no consumer, no heartbeat
+    consumers = r.xinfo_consumers(keys.dispatch("default"), GROUP_WORKERS)
+    assert worker.id not in {c["name"] for c in consumers}
+    assert not r.exists(keys.worker(worker.id))
+    assert r.zscore(keys.workers(), worker.id) is None
 
 
 @pytest.mark.timeout(60)

@@ -5,13 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from common.settings import Settings
+from worker.options import WorkerOptions
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def test_configuration_doc_names_every_setting() -> None:
     doc = (REPO / "docs" / "configuration.md").read_text()
-    names = [f"TIDAL_{n.upper()}" for n in Settings.model_fields]
+    fields = [*Settings.model_fields, *WorkerOptions.model_fields]
+    names = [f"TIDAL_{n.upper()}" for n in fields]
     missing = [n for n in names if f"`{n}`" not in doc]
     assert missing == []
 
