@@ -326,6 +326,15 @@ def _signals(stop: threading.Event, sup: Supervisor) -> Iterator[None]:
             signal.signal(s, handler)
 
 
+def stop_grace() -> float:
+    """How long children get after SIGTERM: a worker's whole shutdown grace (running jobs
+    finish, the rest are handed back) plus the time to kill a job's tree, and a margin."""
+    from common.settings import Settings
+
+    s = Settings()
+    return s.shutdown_grace_s + s.kill_grace_s + 5.0
+
+
 def run_up(opts: UpOptions) -> None:
     """Run the cluster until Ctrl-C / SIGTERM."""
     data_dir = opts.data_dir.resolve()
@@ -353,5 +362,5 @@ def run_up(opts: UpOptions) -> None:
             sup.run(stop)
         finally:
             sup.say("stopping")
-            sup.stop()
+            sup.stop(grace=stop_grace())
             sup.say("stopped")

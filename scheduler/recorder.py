@@ -88,6 +88,8 @@ class Recorder:
                 self.callbacks.tick()
                 backoff = 0.1
             except (redis.RedisError, SQLAlchemyError) as exc:
+                if "NOGROUP" in str(exc):  # Redis lost its data: create the group again
+                    ensured = False
                 log.warning("recorder error; retrying", error=str(exc), retry_in=backoff)
                 stop.wait(backoff)
                 backoff = min(backoff * 2, 5.0)

@@ -90,6 +90,8 @@ class Scheduler:
                     duty.tick(now)
                 backoff = 0.1
             except redis.RedisError as exc:
+                if "NOGROUP" in str(exc):  # Redis lost its data: create the groups again
+                    ready = False
                 log.warning("redis error; retrying", error=str(exc), retry_in=backoff)
                 self.stop_event.wait(backoff)
                 backoff = min(backoff * 2, 5.0)

@@ -62,6 +62,8 @@ for i = 1, #KEYS - 5 do
       redis.call('HSET', job, 'wait_reason', 'resources')
       held = held + 1
     end
+  elseif h[1] ~= 'queued' then
+    redis.call('ZREM', queue, id)  -- a stray member (e.g. left by a repair) must not block
   end
 end
 return {sent, held}

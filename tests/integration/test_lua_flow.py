@@ -70,7 +70,8 @@ def test_start_finish_and_fencing(r: redis.Redis, keys: Keys) -> None:
     s = sc.Scripts(r)
     job = _submit(r, s, keys)
     _admit_all(r, s, keys)
-    s.run(sc.dispatch(keys, "default", [job], capacity=sc.Capacity(1), events_maxlen=MAXLEN, by="s1"))
+    s.run(sc.dispatch(keys, "default", [job], capacity=sc.Capacity(1), events_maxlen=MAXLEN,
+                      by="s1"))
     ensure_group(r, keys.dispatch("default"), GROUP_WORKERS)
     [(_, items)] = r.xreadgroup(GROUP_WORKERS, "w1", {keys.dispatch("default"): ">"}, count=10)
     entry, fields = items[0]
@@ -97,7 +98,8 @@ def test_failed_attempt_with_retries_goes_to_delayed_then_back(r: redis.Redis, k
     s = sc.Scripts(r)
     job = _submit(r, s, keys, retries=1)
     _admit_all(r, s, keys)
-    s.run(sc.dispatch(keys, "default", [job], capacity=sc.Capacity(1), events_maxlen=MAXLEN, by="s1"))
+    s.run(sc.dispatch(keys, "default", [job], capacity=sc.Capacity(1), events_maxlen=MAXLEN,
+                      by="s1"))
     ensure_group(r, keys.dispatch("default"), GROUP_WORKERS)
     [(_, items)] = r.xreadgroup(GROUP_WORKERS, "w1", {keys.dispatch("default"): ">"}, count=1)
     entry = items[0][0]
@@ -121,7 +123,8 @@ def test_cancel_in_each_state(r: redis.Redis, keys: Keys) -> None:
     def cancel(job: str) -> object:
         return s.run(sc.cancel(keys, job, "default", by="alice", events_maxlen=MAXLEN, ttl_s=60))
 
-    s.run(sc.dispatch(keys, "default", [running], capacity=sc.Capacity(1), events_maxlen=MAXLEN, by="s1"))
+    s.run(sc.dispatch(keys, "default", [running], capacity=sc.Capacity(1),
+                      events_maxlen=MAXLEN, by="s1"))
     ensure_group(r, keys.dispatch("default"), GROUP_WORKERS)
     [(_, items)] = r.xreadgroup(GROUP_WORKERS, "w1", {keys.dispatch("default"): ">"}, count=1)
     token = items[0][0]
