@@ -17,6 +17,9 @@ Checks (each `Finding.check`; `fixable` ones are repaired by `repair`, with what
 - `dead_consumer`: entries pending on a worker whose heartbeat expired. Report only: a
   scheduler's reaper requeues them within `reap_interval_s`.
 - `registry_orphan`: a worker in the registry with no heartbeat hash. Fix: ZREM.
+- `host_orphan`: a host lock whose holder has ended or is gone, or waiters with no holder:
+  the host would stay blocked. Fix: grant.lua hands it to the first waiter (or frees it),
+  as the scheduler does when a holder ends.
 - `recorder_behind`: events not yet mirrored. Fix: the recorder's catch-up.
 - `mirror_missing` / `mirror_behind` / `mirror_differs`: the SQL row is absent, at an older
   event, or disagrees (state, attempt, exit code) at the same event. Fix: catch-up.
@@ -39,6 +42,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
 from common import scripts as sc
+from common.hosts import hand_on
 from common.jobs import submission_fields
 from common.keys import GROUP_RECORDER, GROUP_SCHEDULERS, GROUP_WORKERS, Keys
 from common.models import JobSubmission
@@ -89,7 +93,8 @@ class Doctor:
 
     def examine(self) -> list[Finding]:
         jobs = self.jobs()
-        found = self.check_jobs(jobs) + self.check_dispatch() + self.check_workers()
+        found = (self.check_jobs(jobs) + self.check_dispatch() + self.check_workers()
+                 + self.check_hosts())
         if self.engine is not None:
             found += self.check_recorder() + self.check_mirror(jobs)
         return found
@@ -221,6 +226,28 @@ class Doctor:
         return [Finding("registry_orphan", w, "in the worker registry with no heartbeat hash",
                         True) for w, ok in zip(members, alive, strict=True) if not ok]
 
+    def check_hosts(self) -> list[Finding]:
+        """Every held host is held by an unfinished job; no host has waiters but no holder.
+        (A holder's end is settled within a scheduler step, so a finding that stays is real.)"""
+        hosts = sorted(self.client.smembers(self.keys.hosts()))
+        pipe = self.client.pipeline(transaction=False)
+        for host in hosts:
+            pipe.get(self.keys.host(host))
+            pipe.zcard(self.keys.hostwait(host))
+        replies = pipe.execute() if hosts else []
+        found: list[Finding] = []
+        for i, host in enumerate(hosts):
+            holder, waiters = replies[2 * i], int(replies[2 * i + 1])
+            state = self.client.hget(self.keys.job(holder), "state") if holder else None
+            if holder and state in TERMINAL | {None}:
+                why = f"held by {holder}, which is {state or 'gone'}"
+            elif not holder and waiters:
+                why = f"{waiters} waiting and no holder"
+            else:
+                continue
+            found.append(Finding("host_orphan", host, why, True, {"holder": holder or ""}))
+        return found
+
     def check_recorder(self) -> list[Finding]:
         events = self.keys.events()
         try:
@@ -345,6 +372,11 @@ class Doctor:
         self.client.xack(stream, GROUP_WORKERS, f.data["entry"])
         return int(self.client.xdel(stream, f.data["entry"]))
 
+    def _hand_on(self, f: Finding) -> int:
+        result = hand_on(self.client, self.scripts, self.keys, f.subject,
+                         f.data.get("holder", ""))
+        return int(result in ("granted", "free"))
+
     def _unregister(self, f: Finding) -> int:
         return int(self.client.zrem(self.keys.workers(), f.subject))
 
@@ -413,6 +445,7 @@ _REPAIRS: dict[str, Callable[[Doctor, Finding], int]] = {
     "dispatched_no_entry": Doctor._reclaim,
     "stale_dispatch_entry": Doctor._drop_entry,
     "registry_orphan": Doctor._unregister,
+    "host_orphan": Doctor._hand_on,
 }
 _MIRROR = frozenset({"recorder_behind", "mirror_missing", "mirror_behind", "mirror_differs"})
 

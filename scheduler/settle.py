@@ -11,14 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from common import scripts as sc
+from common.hosts import hand_on
 from common.keys import GROUP_SCHEDULERS
 from common.logging import get_logger
 from scheduler.context import Context
 
 log = get_logger("scheduler")
-
-GRANT_TRIES = 8  # a proposed waiter may have gone meanwhile: read the head again
-
 
 @dataclass
 class Settler:
@@ -53,15 +51,7 @@ class Settler:
     def hand_on(self, host: str, released: str) -> str:
         """Let `released` go of `host` and grant it to the first waiter."""
         c = self.ctx
-        result = "retry"
-        for _ in range(GRANT_TRIES):
-            head = c.client.zrange(c.keys.hostwait(host), 0, 0)
-            waiter = head[0] if head else None
-            queue = c.client.hget(c.keys.job(waiter), "queue") if waiter else None
-            result = c.scripts.run(sc.grant(c.keys, host, released, waiter, queue or "default"))
-            if result != "retry":
-                break
-        return str(result)
+        return hand_on(c.client, c.scripts, c.keys, host, released)
 
     def _resolve_dependents(self, job_id: str, state: str) -> None:
         c = self.ctx

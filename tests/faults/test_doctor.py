@@ -202,3 +202,20 @@ def test_orphans_of_a_host_and_a_retry_go_back_where_they_wait(
     assert r.zscore(keys.queue("default"), waiter) is None
     assert r.zscore(keys.delayed(), retried) == 123
     assert not {"queued_orphan", "retrying_orphan"} & checks(doctor.examine()).keys()
+
+
+def test_a_host_held_by_a_job_that_ended_is_handed_on(
+    r: redis.Redis, keys: Keys, settings: Settings, doctor: Doctor
+) -> None:
+    holder, waiter = submit(r, keys, host="hv9"), submit(r, keys, host="hv9")
+    schedule(settings, r)
+    assert r.get(keys.host("hv9")) == holder
+    # the holder ends but its settle entry is lost: the host would stay blocked
+    r.hset(keys.job(holder), "state", "failed")
+    r.delete(keys.settle())
+    found = checks(doctor.examine())
+    assert found["host_orphan"] == {"hv9"}
+    assert doctor.repair(doctor.examine()) >= 1
+    assert r.get(keys.host("hv9")) == waiter
+    assert r.zscore(keys.queue("default"), waiter) is not None
+    assert "host_orphan" not in checks(doctor.examine())
