@@ -31,8 +31,11 @@ test: dev
 lint: dev
 	$(BIN)/ruff check .
 
+## make bench: the benchmark harness, separate from make test (~30 min; BENCH_ARGS=--quick ~10)
+## py-spy is a dev tool for the profiles: installed here, never a dependency of the project
 bench: dev
-	$(BIN)/python -m bench
+	$(BIN)/python -m pip install --quiet py-spy || echo "py-spy not installed: profiles skipped"
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .tidal .pytest_cache
