@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Annotated, Any
@@ -115,6 +116,14 @@ app.add_typer(token_app, name="token")
 def get_client(url: str | None = None, token: str | None = None) -> Client:
     """The SDK client for the HTTP commands (the tests replace this factory)."""
     return Client.from_config(url=url, token=token)
+
+
+def show(value: Any, as_json: bool, render: Callable[[Any], None]) -> None:
+    """Print a command's answer: the whole document with --json, else its summary."""
+    if as_json:
+        output.json(value)
+    else:
+        render(value)
 
 
 def exit_code_for(job: Job) -> int:
@@ -331,10 +340,7 @@ def status(job_id: JobIdArg, as_json: JsonOpt = False, url: UrlOpt = None,
     """Show one job: state, why it waits, where it runs, how it ended."""
     with get_client(url, token) as client:
         job = client.get(job_id)
-    if as_json:
-        output.json(job)
-    else:
-        output.job_panel(job)
+    show(job, as_json, output.job_panel)
 
 
 @app.command("list")
@@ -389,10 +395,7 @@ def cancel(job_id: JobIdArg, as_json: JsonOpt = False, url: UrlOpt = None,
     """Cancel a job (a running one is killed by its worker)."""
     with get_client(url, token) as client:
         job = client.cancel(job_id)
-    if as_json:
-        output.json(job)
-    else:
-        output.cancelled(job)
+    show(job, as_json, output.cancelled)
 
 
 @app.command()
@@ -408,10 +411,7 @@ def wait(
     """Wait until a job ends; exit with its exit code (like submit --follow)."""
     with get_client(url, token) as client:
         job = client.wait(job_id, timeout=timeout)
-    if as_json:
-        output.json(job)
-    else:
-        output.job_panel(job)
+    show(job, as_json, output.job_panel)
     raise typer.Exit(exit_code_for(job))
 
 
@@ -420,10 +420,7 @@ def workers(as_json: JsonOpt = False, url: UrlOpt = None, token: TokenOpt = None
     """List the live workers."""
     with get_client(url, token) as client:
         found = client.workers()
-    if as_json:
-        output.json(found)
-    else:
-        output.workers_table(found)
+    show(found, as_json, output.workers_table)
 
 
 @app.command()
@@ -431,10 +428,7 @@ def health(as_json: JsonOpt = False, url: UrlOpt = None, token: TokenOpt = None)
     """Check the API and what it depends on (exit 1 unless all is well)."""
     with get_client(url, token) as client:
         answer = client.health()
-    if as_json:
-        output.json(answer)
-    else:
-        output.health(answer)
+    show(answer, as_json, output.health)
     if answer.status != "ok":
         raise typer.Exit(EXIT_ERROR)
 
@@ -450,10 +444,7 @@ def token_create(
     """Create an API token (needs an admin token). It is printed once."""
     with get_client(url, token) as client:
         created = client.create_token(user, admin=admin)
-    if as_json:
-        output.json(created)
-    else:
-        output.token_created(created)
+    show(created, as_json, output.token_created)
 
 
 @app.command()
@@ -473,10 +464,7 @@ def queues(as_json: JsonOpt = False, url: UrlOpt = None, token: TokenOpt = None)
     """Queues: waiting, in flight, running, delayed, slots, and jobs ended lately."""
     with get_client(url, token) as client:
         found = client.queues()
-    if as_json:
-        output.json(found)
-    else:
-        output.queues_table(found)
+    show(found, as_json, output.queues_table)
 
 
 @app.command()
@@ -485,10 +473,7 @@ def events(job_id: JobIdArg, as_json: JsonOpt = False, url: UrlOpt = None,
     """Every transition of a job: when, to which state, by whom."""
     with get_client(url, token) as client:
         found = client.events(job_id)
-    if as_json:
-        output.json(found)
-    else:
-        output.events_table(found)
+    show(found, as_json, output.events_table)
 
 
 @app.command()
@@ -496,10 +481,7 @@ def hosts(as_json: JsonOpt = False, url: UrlOpt = None, token: TokenOpt = None) 
     """Hosts: the job holding each, and the jobs waiting for it in order."""
     with get_client(url, token) as client:
         found = client.hosts()
-    if as_json:
-        output.json(found)
-    else:
-        output.hosts_table(found)
+    show(found, as_json, output.hosts_table)
 
 
 cron_app = typer.Typer(help="Cron schedules: submit a job at every tick (UTC).",
@@ -547,10 +529,7 @@ def cron_list(as_json: JsonOpt = False, url: UrlOpt = None, token: TokenOpt = No
     """List the schedules."""
     with get_client(url, token) as client:
         found = client.schedules()
-    if as_json:
-        output.json(found)
-    else:
-        output.schedules_table(found)
+    show(found, as_json, output.schedules_table)
 
 
 @cron_app.command("remove")
