@@ -25,6 +25,7 @@ from websockets.sync.client import connect as ws_connect
 from common.client import Client
 from common.keys import DEFAULT_PREFIX, Keys
 from common.models import Job, LogLine
+from common.redis import connect
 from common.valkey import free_port
 from tests.e2e.conftest import Procs, clean_env, tidal_cmd
 from tests.support import wait_for
@@ -56,7 +57,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         cfg = tmp / ".tidal" / "cli.json"
         wait_for(lambda: cfg.exists() and "url" in cfg.read_text(), timeout=60, what="cli.json")
         found = json.loads(cfg.read_text())
-        r = redis.Redis.from_url(found["redis_url"], decode_responses=True)
+        r = connect(found["redis_url"])
         with Client(found["url"], found["token"]) as client:
             wait_for(lambda: client.workers(), timeout=30, what="a live worker")
             yield Cluster(tmp, found["url"], found["token"], r, client)
