@@ -12,6 +12,8 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
+from redis.exceptions import NoScriptError
+
 from common.keys import GROUP_SCHEDULERS, GROUP_WORKERS, Keys
 
 SCRIPT_NAMES = (
@@ -59,6 +61,35 @@ class Scripts:
         """Run a call now (sync client), on a pipeline (queued), or return an awaitable
         (asyncio client)."""
         return self._registered[call.script](keys=call.keys, args=call.args, client=pipe)
+
+    def run_many(self, calls: Sequence[Call], *, raise_errors: bool = True) -> list[Any]:
+        """Run many calls in ONE round trip (sync client): a pipeline of plain EVALSHAs.
+        (A redis-py pipeline that carries Script objects first sends SCRIPT EXISTS, a
+        second round trip every time.) Scripts the server lacks (it restarted empty) are
+        loaded and their calls run again, in order: a NOSCRIPT reply means it did not run.
+        The first other error is raised, as a plain call would (or, with `raise_errors`
+        False, left in its place in the list; connection errors always raise)."""
+        if not calls:
+            return []
+        results = self._evalsha_all(calls)
+        missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
+        if missing:
+            for name in {calls[i].script for i in missing}:
+                self.client.script_load(self._registered[name].script)
+            for i, r in zip(missing, self._evalsha_all([calls[i] for i in missing]),
+                            strict=True):
+                results[i] = r
+        for r in results:
+            if raise_errors and isinstance(r, Exception):
+                raise r
+        return results
+
+    def _evalsha_all(self, calls: Sequence[Call]) -> list[Any]:
+        pipe = self.client.pipeline(transaction=False)
+        for call in calls:
+            pipe.evalsha(self._registered[call.script].sha, len(call.keys), *call.keys,
+                         *call.args)
+        return list(pipe.execute(raise_on_error=False))
 
 
 # -- call builders, one per script -------------------------------------------------------
@@ -211,6 +242,9 @@ class Outcome:
     result: str = ""  # JSON text
     error: str = ""
     reason: str = ""
+    # what the attempt used, stored on the job hash as is (shell jobs: peak_rss_kb and
+    # cpu_s of the process tree); a tuple of (field, value) so the Outcome stays hashable
+    usage: tuple[tuple[str, str], ...] = ()
 
 
 def finish(
@@ -241,6 +275,7 @@ def finish(
             ttl_s,
             retry_delay_ms,
             worker,
+            *(item for pair in outcome.usage for item in pair),
         ],
     )
 

@@ -3,7 +3,11 @@
 Threads (STYLE.md item 8):
 - the consumer (the thread that calls `run()`): XREADGROUP for free slots only, then ONE
   start.lua call per queue for the whole batch, then hands each job to the runner pool;
-- a bounded pool of `slots` runner threads: execute a job, flush its log, finish.lua;
+- a bounded pool of `slots` runner threads: execute a job, flush its log, queue its
+  outcome for the finisher;
+- the finisher thread: finish.lua for every queued outcome in ONE pipelined round trip
+  (group commit: what finished while the last batch was on the wire goes in the next), then
+  frees those slots;
 - the heartbeat thread: heartbeat.lua every `heartbeat_s` (worker hash + TTL, registry
   zset), and cancels running jobs whose cancel flag it sees (pub/sub fallback);
 - the control thread: SUBSCRIBE to the worker's control channel (`cancel <job id>`);
@@ -102,6 +106,8 @@ class Worker:
         self._flusher = Flusher()
         self.cgroups: Cgroups | None = None
         self._confirm_lock = threading.Lock()
+        self._finishing = threading.Condition()
+        self._to_finish: list[tuple[JobRun, sc.Outcome, sc.Call]] = []
         self.abandoned = 0  # python jobs still executing when run() returned
         self.handed_back = 0  # jobs requeued at shutdown
 
@@ -122,6 +128,7 @@ class Worker:
                     self._thread(self._heartbeat_loop, "tidal-heartbeat"),
                     self._thread(self._control_loop, "tidal-control"),
                     self._thread(self._flusher.run, "tidal-log-flusher"),
+                    self._thread(self._finish_loop, "tidal-finisher"),
                 ]
                 self._subscribed.wait(5.0)
                 self._consume()
@@ -218,6 +225,8 @@ class Worker:
     def _close(self, helpers: list[threading.Thread]) -> None:
         self._stop.set()
         self._halt.set()
+        with self._finishing:
+            self._finishing.notify_all()
         self._flusher.stop()
         for thread in helpers:
             thread.join(timeout=5.0)
@@ -351,6 +360,7 @@ class Worker:
     # -- runner threads ----------------------------------------------------------------
 
     def _run_job(self, run: JobRun) -> None:
+        queued = False  # once the finisher has the outcome, it frees the slot
         with bound_contextvars(job_id=run.job_id, attempt=run.attempt):
             try:
                 writer = LogWriter(
@@ -360,13 +370,15 @@ class Worker:
                 )
                 outcome = self._execute(run, writer)
                 writer.close()
-                self._finish(run, outcome)
+                queued = self._finish(run, outcome)
             except Exception as exc:  # a bug of the worker, not of the job
                 log.exception("job runner failed")
                 error = f"worker error: {exc!r}"
-                self._finish(run, sc.Outcome("failed", None, error=error, reason="worker_error"))
+                queued = self._finish(
+                    run, sc.Outcome("failed", None, error=error, reason="worker_error"))
             finally:
-                self._release(run)
+                if not queued:
+                    self._release(run)
 
     def _in_thread(self, run: JobRun) -> bool:
         return run.kind == "python" and self.options.python_isolation == "thread"
@@ -430,17 +442,18 @@ class Worker:
                 del self._running[run.job_id]
             self._slots.notify_all()
 
-    def _finish(self, run: JobRun, outcome: sc.Outcome) -> None:
-        """ONE finish.lua call; Redis errors are retried (the token makes it idempotent:
-        after a lost reply the retry answers -1, which then means done)."""
+    def _finish(self, run: JobRun, outcome: sc.Outcome) -> bool:
+        """Queue the outcome for the finisher; True when queued (the finisher then frees
+        the slot). A run lost to another attempt is not finished; one stopped by the
+        shutdown is handed back instead."""
         if not run.claim_finish():
-            return
+            return False
         if run.abort_reason == LOST:
             log.warning("job lost to another attempt while this worker was away; not finished")
-            return
+            return False
         if run.abort_reason == SHUTDOWN:
             self._hand_back([run])
-            return
+            return False
         spec = run.spec
         delay = retry_delay_s(run.attempt, spec.retry_delay, spec.retry_backoff,
                               spec.retry_max_delay)
@@ -449,22 +462,50 @@ class Worker:
             retry_delay_ms=int(delay * 1000), events_maxlen=self.settings.events_maxlen,
             ttl_s=self.settings.job_ttl_s,
         )
+        with self._finishing:
+            self._to_finish.append((run, outcome, call))
+            self._finishing.notify()
+        return True
+
+    def _finish_loop(self) -> None:
+        """The finisher: everything queued goes out in one pipeline of finish.lua calls.
+        It runs until the worker halts and nothing is left to finish."""
+        while True:
+            with self._finishing:
+                while not self._to_finish and not self._halt.is_set():
+                    self._finishing.wait(0.5)
+                batch, self._to_finish = self._to_finish, []
+            if not batch:
+                return
+            self._finish_batch(batch)
+
+    def _finish_batch(self, batch: list[tuple[JobRun, sc.Outcome, sc.Call]]) -> None:
+        """Redis errors are retried (the token makes finish.lua idempotent: after a lost
+        reply the retry answers -1, which then means done)."""
         tries = 0
         while True:
             tries += 1
             try:
-                result = self.scripts.run(call)
+                results = self.scripts.run_many([call for _, _, call in batch], raise_errors=False)
                 break
             except redis.RedisError as exc:
                 if self._stop.is_set() and tries >= FINISH_TRIES_WHEN_STOPPING:
-                    log.error("cannot finish job: left for the reaper", error=str(exc))
-                    return
-                log.warning("finish failed, retrying", error=str(exc), tries=tries)
+                    log.error("cannot finish jobs: left for the reaper", error=str(exc),
+                              jobs=[run.job_id for run, _, _ in batch])
+                    results = [exc] * len(batch)
+                    break
+                log.warning("finish failed, retrying", error=str(exc), tries=tries,
+                            jobs=len(batch))
                 time.sleep(retry_delay_s(tries, 0.1, 2.0, 5.0))
-        self._report(run, outcome, result, tries)
+        for (run, outcome, _), result in zip(batch, results, strict=True):
+            with bound_contextvars(job_id=run.job_id, attempt=run.attempt):
+                self._report(run, outcome, result, tries)
+            self._release(run)
 
     def _report(self, run: JobRun, outcome: sc.Outcome, result: Any, tries: int) -> None:
-        if isinstance(result, str):
+        if isinstance(result, Exception):
+            log.error("finish failed: left for the reaper", error=str(result))
+        elif isinstance(result, str):
             log.info("job finished", state=result, reason=outcome.reason or None,
                      exit_code=outcome.exit_code)
         elif result == -1 and tries > 1:

@@ -24,6 +24,7 @@
 -- ARGV[9] TTL in seconds for the finished job's hash and log
 -- ARGV[10] retry delay in ms if this failure is retried (backoff computed by the caller)
 -- ARGV[11] worker id
+-- ARGV[12..] what the attempt used, as field/value pairs for the job hash (peak_rss_kb, cpu_s)
 -- Returns the state written (completed, failed, cancelled, retrying), or
 --   -1 stale token (another attempt owns the job), -2 job not running, -3 no such job.
 
@@ -50,6 +51,10 @@ if h[6] == '1' then outcome = 'cancelled'; reason = 'cancelled' end
 
 local fields = {'exit_code', exit_code, 'result', result, 'error', err, 'reason', reason,
                 'dispatch_id', ''}
+for i = 12, #ARGV, 2 do
+  fields[#fields + 1] = ARGV[i]
+  fields[#fields + 1] = ARGV[i + 1]
+end
 if outcome == 'failed' and spent <= retries then
   local due = now + retry_ms
   redis.call('ZADD', delayed, due, id)

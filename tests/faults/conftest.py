@@ -227,6 +227,19 @@ def figures(name: str, **values: Any) -> str:
     return line
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """On a failure, attach the tail of every service log of the test (its processes'
+    own account is what tells a slow start from a refused lease or a crashed runner)."""
+    outcome = yield
+    report = outcome.get_result()
+    tmp = getattr(item, "funcargs", {}).get("tmp_path")
+    if report.failed and tmp is not None and (tmp / "logs").is_dir():
+        for log in sorted((tmp / "logs").glob("*.log")):
+            tail = log.read_bytes()[-6000:].decode("utf-8", "replace")
+            report.sections.append((f"service log {log.name} (tail)", tail))
+
+
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     if FIGURES:
         terminalreporter.section("fault figures")

@@ -42,7 +42,10 @@ def test_f1_worker_killed_mid_job_completes_elsewhere(tmp_path: Path, timing: st
         c.wait_workers("w1", "w2")
         book = tmp_path / "ledger"
         [job] = c.submit([{"command": ledger.shell_job(book, 4, later=0.1)}])
-        first = wait_for(lambda: ledger.started(book, job, 1), timeout=30, what="attempt 1")
+        try:
+            first = wait_for(lambda: ledger.started(book, job, 1), timeout=30, what="attempt 1")
+        except AssertionError as exc:  # say where the job is, not only that it did not start
+            raise AssertionError(f"{exc}; job: {c.redis.hgetall(c.keys.job(job))}") from exc
         victim = worker_named(c, c.redis.hget(c.keys.job(job), "worker") or "", "w1", "w2")
         survivor = "w2" if victim == "w1" else "w1"
         killed_at = monotonic()

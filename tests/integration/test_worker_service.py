@@ -386,6 +386,8 @@ def test_finish_is_retried(settings: Settings, keys: Keys, r: redis.Redis, appli
     def prepare(worker: Worker) -> None:
         real = worker.scripts.run
 
+        real_many = worker.scripts.run_many
+
         def flaky(call: sc.Call, pipe: Any = None) -> Any:
             if call.script in ("finish", "heartbeat") and call.script not in failed:
                 failed.append(call.script)  # the first of each: at start-up, at the end
@@ -394,7 +396,17 @@ def test_finish_is_retried(settings: Settings, keys: Keys, r: redis.Redis, appli
                 raise redis.ConnectionError("connection reset")
             return real(call, pipe)
 
+        def flaky_many(calls: list[sc.Call], **kw: Any) -> list[Any]:
+            first = calls[0].script
+            if first == "finish" and first not in failed:  # the finisher's batched path
+                failed.append(first)
+                if applied:
+                    real_many(calls, **kw)
+                raise redis.ConnectionError("connection reset")
+            return real_many(calls, **kw)
+
         worker.scripts.run = flaky  # type: ignore[method-assign]
+        worker.scripts.run_many = flaky_many  # type: ignore[method-assign]
 
     one = settings.model_copy(update={"concurrency": 1})
     with serving(one, prepare):
