@@ -320,14 +320,17 @@ def reclaim(
     events_maxlen: int,
     ttl_s: int,
     by: str,
+    handed_back: bool = False,
 ) -> Call:
-    """entries: (dispatch entry id, job id) claimed from dead consumers (or handed back)."""
+    """entries: (dispatch entry id, job id) claimed from dead consumers, or handed back by
+    a stopping worker (`handed_back`: such attempts spend no retry and count apart from
+    the lost ones, so they never make a job poison)."""
     return Call(
         "reclaim",
         [keys.dispatch(queue), keys.queue(queue), keys.events(), keys.ledger(), keys.settle(),
          *(keys.job(job_id) for _, job_id in entries)],
         [GROUP_WORKERS, events_maxlen, max_deliveries, ttl_s, by,
-         *(entry for entry, _ in entries)],
+         "handed_back" if handed_back else "lost", *(entry for entry, _ in entries)],
     )
 
 

@@ -15,9 +15,9 @@ Threads (STYLE.md item 8):
 
 Stop (SIGTERM): the consumer stops reading; running jobs get `shutdown_grace_s` to end.
 The rest are HANDED BACK at once: their process trees are killed first, then reclaim.lua
-requeues each with its place in the queue (fenced by the token; like any lost attempt it
-spends no retry but counts towards `max_deliveries`), so another worker runs them now,
-not after this worker's lease. Entries read but never started, and anything else still
+requeues each with its place in the queue (fenced by the token; it spends no retry and,
+unlike a lost attempt, does not count towards `max_deliveries`), so another worker runs
+them now, not after this worker's lease. Entries read but never started, and anything else still
 pending under this worker's name, are handed back the same way; then the worker deletes
 its consumer (only with an empty pending list) and its heartbeat, and exits 0. A python
 job running in a thread cannot be stopped: it is handed back and dies with the process.
@@ -528,7 +528,7 @@ class Worker:
             call = sc.reclaim(
                 self.keys, queue, entries, max_deliveries=self.settings.max_deliveries,
                 events_maxlen=self.settings.events_maxlen, ttl_s=self.settings.job_ttl_s,
-                by=self.id,
+                by=self.id, handed_back=True,
             )
             if self._call_while_stopping(call, "hand back jobs") is not None:
                 self.handed_back += len(entries)

@@ -35,7 +35,7 @@ local exit_code, result, err, reason = ARGV[4], ARGV[5], ARGV[6], ARGV[7]
 local maxlen, ttl, retry_ms, worker = ARGV[8], tonumber(ARGV[9]), tonumber(ARGV[10]), ARGV[11]
 
 local h = redis.call('HMGET', job, 'state', 'dispatch_id', 'id', 'attempt', 'retries', 'cancel',
-                     'lost', 'retry_base')
+                     'lost', 'retry_base', 'handed_back')
 if not h[1] then return -3 end
 if h[2] ~= token then return -1 end
 if h[1] ~= 'running' then return -2 end
@@ -45,8 +45,9 @@ redis.call('XDEL', stream, token)
 release_resources(job, ledger)
 local now = now_ms()
 local id, attempt, retries = h[3], tonumber(h[4]) or 1, tonumber(h[5]) or 0
--- attempts lost with their worker, and those before a manual retry, spend no retry
-local spent = attempt - (tonumber(h[7]) or 0) - (tonumber(h[8]) or 0)
+-- attempts lost with their worker or handed back by it, and those before a manual retry,
+-- spend no retry
+local spent = attempt - (tonumber(h[7]) or 0) - (tonumber(h[8]) or 0) - (tonumber(h[9]) or 0)
 if h[6] == '1' then outcome = 'cancelled'; reason = 'cancelled' end
 
 local fields = {'exit_code', exit_code, 'result', result, 'error', err, 'reason', reason,

@@ -10,7 +10,7 @@
 local job, subs, events, user, log = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local id, by, maxlen = ARGV[1], ARGV[2], ARGV[3]
 
-local h = redis.call('HMGET', job, 'state', 'attempt', 'lost', 'queue', 'host')
+local h = redis.call('HMGET', job, 'state', 'attempt', 'lost', 'queue', 'host', 'handed_back')
 if not h[1] then return -3 end
 if not is_terminal(h[1]) then return -1 end
 local now = now_ms()
@@ -19,7 +19,7 @@ redis.call('PERSIST', log)
 redis.call('HDEL', job, 'finished_at', 'exit_code', 'result', 'error', 'reason', 'cancel',
            'dispatch_id', 'scheduled_at', 'ndeps', 'res_held')
 redis.call('HSET', job, 'state', 'pending', 'wait_reason', '',
-           'retry_base', (tonumber(h[2]) or 0) - (tonumber(h[3]) or 0))
+           'retry_base', (tonumber(h[2]) or 0) - (tonumber(h[3]) or 0) - (tonumber(h[6]) or 0))
 redis.call('HINCRBY', user, 'active', 1)
 redis.call('XADD', subs, '*', 'id', id, 'q', h[4] or 'default', 'h', h[5] or '', 'd', '0')
 emit(events, maxlen, job, id, 'pending', now, by, {'reason', 'retry'})

@@ -132,7 +132,7 @@ def test_f3_sigterm_finishes_short_jobs_and_hands_back_long_ones(cluster: Cluste
     assert c.procs["w1"].wait(timeout=15) == 0
     exit_s = monotonic() - termed_at
     handed_back = wait_for(lambda: [e for e in c.events() if e["job"] in jobs[2:]
-                                    and e.get("reason") == "worker_lost"], timeout=10)
+                                    and e.get("reason") == "handed_back"], timeout=10)
     c.wait_terminal(jobs, timeout=30)
     hashes = [c.redis.hgetall(c.keys.job(j)) for j in jobs]
     assert [(h["state"], h["attempt"], h["worker"]) for h in hashes[:2]] == [

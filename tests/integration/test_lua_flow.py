@@ -142,3 +142,48 @@ def test_cancel_in_each_state(r: redis.Redis, keys: Keys) -> None:
     assert hb == [[], [running]]
     assert r.pttl(keys.worker("w1")) > 0
     assert cancel("nope") == -3
+
+
+def _dispatch_and_start(r: redis.Redis, s: sc.Scripts, keys: Keys, job: str, worker: str) -> str:
+    s.run(sc.dispatch(keys, "default", [job], capacity=sc.Capacity(1), events_maxlen=MAXLEN,
+                      by="s1"))
+    ensure_group(r, keys.dispatch("default"), GROUP_WORKERS)
+    [(_, items)] = r.xreadgroup(GROUP_WORKERS, worker, {keys.dispatch("default"): ">"}, count=1)
+    entry = items[0][0]
+    s.run(sc.start(keys, "default", [(entry, job)], worker=worker, events_maxlen=MAXLEN))
+    return str(entry)
+
+
+def test_hand_backs_spend_no_retry_and_never_make_a_job_poison(
+    r: redis.Redis, keys: Keys
+) -> None:
+    """Rolling restarts: handed back more often than max_deliveries, the job is requeued
+    every time; its one retry is still there for a real failure afterwards. A job LOST as
+    often fails as poison."""
+    s = sc.Scripts(r)
+    job, lost_job = _submit(r, s, keys, retries=1), _submit(r, s, keys)
+    _admit_all(r, s, keys)
+    for n in range(4):
+        entry = _dispatch_and_start(r, s, keys, job, f"w{n}")
+        assert s.run(sc.reclaim(keys, "default", [(entry, job)], max_deliveries=2,
+                                events_maxlen=MAXLEN, ttl_s=60, by=f"w{n}",
+                                handed_back=True)) == [1, 0]
+        assert r.hget(keys.job(job), "state") == "queued"
+    reasons = [f.get("reason") for _, f in r.xrange(keys.events())
+               if f["job"] == job and f["state"] == "queued"]
+    assert reasons[-4:] == ["handed_back"] * 4
+    entry = _dispatch_and_start(r, s, keys, job, "w9")
+    failed = sc.Outcome("failed", 1, reason="exit_code")
+    assert s.run(sc.finish(keys, job, "default", entry, failed, worker="w9", retry_delay_ms=0,
+                           events_maxlen=MAXLEN, ttl_s=60)) == "retrying"
+    assert r.hmget(keys.job(job), "attempt", "handed_back", "lost") == ["5", "4", None]
+
+    r.zrem(keys.queue("default"), job)
+    outcomes = []
+    for n in range(3):
+        entry = _dispatch_and_start(r, s, keys, lost_job, f"x{n}")
+        outcomes.append(s.run(sc.reclaim(keys, "default", [(entry, lost_job)],
+                                         max_deliveries=2, events_maxlen=MAXLEN, ttl_s=60,
+                                         by="s1")))
+    assert outcomes == [[1, 0], [1, 0], [0, 1]]
+    assert r.hmget(keys.job(lost_job), "state", "reason") == ["failed", "poison"]

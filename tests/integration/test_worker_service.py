@@ -470,8 +470,10 @@ def test_graceful_stop_hands_back_what_outlives_the_grace(
         assert (h["state"], h["dispatch_id"], h["worker"]) == ("queued", "", "")
         assert r.zscore(keys.queue("default"), job) == float(h["score"])
         event = last_event(r, keys, job)
-        assert (event["state"], event["reason"]) == ("queued", "worker_lost")
-    assert (hl["lost"], hp["lost"], hu.get("lost")) == ("1", "1", None)  # started ones count
+        assert (event["state"], event["reason"]) == ("queued", "handed_back")
+        assert "lost" not in h  # a hand-back is no lost delivery: never makes a job poison
+    # the started ones are counted apart
+    assert (hl["handed_back"], hp["handed_back"], hu.get("handed_back")) == ("1", "1", None)
     assert worker.handed_back == 3 and worker.abandoned == 1
     assert gone(procs)
     assert took < 1.0 + 0.5 + 3.0  # the grace, the kill grace, and a little
