@@ -17,6 +17,8 @@ Pushes:
     {"type": "state", "job_id": "...", "state": "running", "seq": "3", "attempt": "1", ...}
     {"type": "line", "job_id": "...", "id": "<entry id>", "stream": "stdout", "time": "...",
      "text": "..."}
+    {"type": "progress", "job_id": "...", "id": "<entry id>", "time": "...", "percent": 40.0,
+     "stage": "compiling", "message": null}
     {"type": "end", "job": {<final job document>}}
     {"type": "cancelling", "job": {<job document>}}           cancel_job was accepted
     {"type": "error", "cmd": "...", "job_id": ..., "error": {"code", "message", "details"}}
@@ -44,7 +46,15 @@ from api import errors
 from api.auth import Principal, resolve_principal
 from api.deps import AppState
 from api.routes import jobs
-from api.routes.logs import STREAM_ID_PATTERN, Ended, Lines, StateSeen, tail
+from api.routes.logs import (
+    PROGRESS,
+    STREAM_ID_PATTERN,
+    Ended,
+    Lines,
+    StateSeen,
+    progress_data,
+    tail,
+)
 from api.validate import check_submissions
 from common.clock import ms_to_iso
 from common.errors import LimitExceeded, TidalError
@@ -88,6 +98,10 @@ def _token(ws: WebSocket) -> str | None:
 
 
 def line_message(job_id: str, entry_id: str, fields: dict[str, str]) -> dict[str, Any]:
+    """The message of one log entry: a `line`, or a `progress` report."""
+    if fields.get("s") == PROGRESS:
+        return {"type": "progress", "job_id": job_id, "id": entry_id,
+                **progress_data(entry_id, fields)}
     t = fields.get("t", "")
     return {
         "type": "line", "job_id": job_id, "id": entry_id,

@@ -60,7 +60,7 @@ from cli.options import (
 from common import config
 from common.client import Client
 from common.errors import TidalError
-from common.models import Job, JobPage, State
+from common.models import Job, JobPage, ProgressUpdate, State
 
 if TYPE_CHECKING:
     from common.settings import Settings
@@ -187,15 +187,24 @@ def _work(command: list[str], shell: bool, python: bool) -> dict[str, Any]:
 
 
 def _follow(client: Client, job_id: str, as_json: bool) -> int:
-    """Stream a job's output until it ends; returns the exit code for this process."""
+    """Stream a job's output until it ends, with its progress (a bar on a terminal, plain
+    lines otherwise; none with --json); returns the exit code for this process."""
     final: Job | None = None
-    for item in client.follow(job_id):
-        if isinstance(item, Job):
-            final = item
-        elif as_json:
-            output.json_line(item)
-        else:
-            output.log_line(item)
+    if as_json:
+        for item in client.follow(job_id):
+            if isinstance(item, Job):
+                final = item
+            else:
+                output.json_line(item)
+    else:
+        with output.ProgressView() as view:
+            for item in client.follow(job_id, progress=True):
+                if isinstance(item, Job):
+                    final = item
+                elif isinstance(item, ProgressUpdate):
+                    view.show(item.percent, item.stage, item.message)
+                else:
+                    output.log_line(item)
     if final is None:  # pragma: no cover - follow() always ends with the job
         raise TidalError(f"the log stream of job {job_id} ended without the job")
     if as_json:
@@ -408,9 +417,15 @@ def wait(
     url: UrlOpt = None,
     token: TokenOpt = None,
 ) -> None:
-    """Wait until a job ends; exit with its exit code (like submit --follow)."""
+    """Wait until a job ends; exit with its exit code (like submit --follow). Shows the
+    job's progress meanwhile (a bar on a terminal, plain lines otherwise; none with --json)."""
     with get_client(url, token) as client:
-        job = client.wait(job_id, timeout=timeout)
+        if as_json:
+            job = client.wait(job_id, timeout=timeout)
+        else:
+            with output.ProgressView() as view:
+                for job in client.watch(job_id, timeout=timeout):
+                    view.show_job(job)
     show(job, as_json, output.job_panel)
     raise typer.Exit(exit_code_for(job))
 

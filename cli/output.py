@@ -19,6 +19,7 @@ from pydantic import BaseModel
 from rich.console import Console
 from rich.markup import escape
 from rich.panel import Panel
+from rich.progress import BarColumn, Progress, TaskID, TaskProgressColumn, TextColumn
 from rich.table import Table
 from rich.text import Text
 
@@ -192,6 +193,65 @@ def log_line(line: LogLine) -> None:
     stream.flush()
 
 
+def progress_text(percent: float | None, stage: str | None, message: str | None) -> str:
+    """A progress report in words: `40% compiling: 3 of 8 modules`."""
+    words = [f"{percent:g}%" if percent is not None else "", stage or ""]
+    text = " ".join(w for w in words if w)
+    return f"{text}: {message}" if message else text
+
+
+class ProgressView:
+    """A job's progress while the CLI follows or waits for it (`submit --follow`, `logs -f`,
+    `wait`). On a terminal (stderr) a rich progress bar, drawn from the first report on,
+    with the job's own output printed above it; otherwise one plain `[tidal] progress …`
+    line on stderr per new report, so pipes and logs stay line-oriented. `--json` makes
+    none: its output stays one document per line."""
+
+    def __init__(self) -> None:
+        self._bar: Progress | None = None
+        self._task: TaskID | None = None
+        self._last: tuple[float | None, str | None, str | None] | None = None
+        self._tty = sys.stderr.isatty()
+
+    def __enter__(self) -> ProgressView:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def show(self, percent: float | None, stage: str | None, message: str | None) -> None:
+        if (percent, stage, message) == self._last:
+            return
+        self._last = (percent, stage, message)
+        if not self._tty:
+            text = f"[tidal] progress {progress_text(percent, stage, message)}"
+            sys.stderr.write(text + "\n")
+            sys.stderr.flush()
+            return
+        if self._bar is None:
+            self._bar = Progress(
+                TextColumn("[bold]{task.fields[stage]}"), BarColumn(), TaskProgressColumn(),
+                TextColumn("{task.fields[message]}"), console=_console(stderr=True),
+                redirect_stdout=sys.stdout.isatty(), redirect_stderr=True,
+            )
+            self._bar.start()
+            self._task = self._bar.add_task("job", total=100, stage="", message="")
+        assert self._task is not None
+        self._bar.update(self._task, completed=percent or 0, stage=escape(stage or ""),
+                         message=escape(message or ""))
+
+    def show_job(self, job: Job) -> None:
+        """The progress in a job document, if it has any."""
+        p = job.progress
+        if p is not None and (p.percent is not None or p.stage or p.message):
+            self.show(p.percent, p.stage, p.message)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+
+
 def detached(job_id: str) -> None:
     """Ctrl-C while following: the job itself goes on."""
     info(f"stopped following; job {escape(job_id)} keeps running "
@@ -235,12 +295,35 @@ def job_panel(job: Job) -> None:
         ("error", job.error),
         ("command", command_text(job)),
     ]
-    if job.progress is not None and job.progress.percent is not None:
-        rows.append(("progress", f"{job.progress.percent:.0f}% {job.progress.stage or ''}"))
+    p = job.progress
+    if p is not None and (p.percent is not None or p.stage or p.message):
+        rows.insert(2, ("progress", progress_text(p.percent, p.stage, p.message)
+                        + (f" ({ago(p.time)})" if p.time else "")))
+    rows += [("waited", _ms(job.wait_ms)), ("ran", _ms(job.run_ms)),
+             ("peak RSS", None if job.peak_rss_kb is None else _kb(job.peak_rss_kb)),
+             ("CPU", None if job.cpu_s is None else f"{job.cpu_s:.2f}s")]
     for name, val in rows:
         if val is not None and val != "":
             grid.add_row(name, val if isinstance(val, Text) else Text(str(val)))
     _console().print(Panel(grid, title=f"job {escape(job.id)}", title_align="left", expand=False))
+
+
+def _ms(ms: int | None) -> str | None:
+    """A duration for people: 850ms, 12.3s, 4m05s, 2h10m."""
+    if ms is None:
+        return None
+    if ms < 1000:
+        return f"{ms}ms"
+    if ms < 60_000:
+        return f"{ms / 1000:.1f}s"
+    seconds = ms // 1000
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def _kb(kb: int) -> str:
+    return f"{kb / 1024:.1f} MiB" if kb >= 1024 else f"{kb} kB"
 
 
 def jobs_table(jobs: Sequence[Job], next_cursor: str | None = None) -> None:

@@ -6,7 +6,10 @@
         job = tidal.submit({"command": ["sh", "-c", "make test"], "priority": "high"})
         for item in tidal.follow(job.id):          # LogLine per output line, then the Job
             ...
+        for item in tidal.follow(job.id, progress=True):   # ProgressUpdate items too
+            ...
         final = tidal.wait(job.id, timeout=600)
+        for job in tidal.watch(job.id):            # the document each time it changes
 
 Every error the API answers (`{"error": {"code", "message", "details"}}`) becomes the
 matching `common.errors` exception in one function, `error_from_response`.
@@ -49,13 +52,14 @@ from common.models import (
     JobSubmission,
     LogLine,
     LogPage,
+    ProgressUpdate,
     QueueInfo,
     State,
     TokenCreated,
     WorkerInfo,
 )
 
-__all__ = ["Client", "SSEEvent", "error_from_response", "iter_sse"]
+__all__ = ["Client", "ProgressUpdate", "SSEEvent", "error_from_response", "iter_sse"]
 
 USER_AGENT = "tidal-sdk/0.1"
 
@@ -355,6 +359,15 @@ class Client:
         soon as the job changes). If an answer comes back early with nothing changed (a
         server that does not hold the request), waits the `poll_after_ms` it advised before
         asking again. Raises TimeoutError if it is not done after `timeout` seconds."""
+        for job in self.watch(job_id, timeout):
+            if job.state.terminal:
+                return job
+        raise AssertionError("unreachable")  # pragma: no cover - watch ends terminal
+
+    def watch(self, job_id: str, timeout: float | None = None) -> Iterator[Job]:
+        """The job document now and each time it changes (a transition, or a progress
+        event: docs/live.md#progress), by the long-polls `wait` makes; ends after the
+        terminal document. Raises TimeoutError if it is not done after `timeout` seconds."""
         deadline = None if timeout is None else time.monotonic() + timeout
         polls, previous = 0, None
         while True:
@@ -362,12 +375,14 @@ class Client:
             hold = self.long_poll_s if left is None else max(0.0, min(self.long_poll_s, left))
             asked = time.monotonic()
             job = self.get(job_id, wait=hold, polls=polls)
+            seen = job.model_dump(exclude={"poll_after_ms", "wait_detail"})
+            if seen != previous or job.state.terminal:
+                yield job
             if job.state.terminal:
-                return job
+                return
             now = time.monotonic()
             if deadline is not None and now >= deadline:
                 raise TimeoutError(f"job {job_id} is still {job.state} after {timeout}s")
-            seen = job.model_dump(exclude={"poll_after_ms", "wait_detail"})
             if now - asked < hold * 0.9 and seen == previous:
                 pause = (job.poll_after_ms or 1000) / 1000
                 self._sleep(pause if deadline is None else min(pause, deadline - now))
@@ -391,8 +406,11 @@ class Client:
                 return
             cursor = page.next_cursor
 
-    def follow(self, job_id: str, after: str | None = None) -> Iterator[LogLine | Job]:
-        """Stream a job's output live: a LogLine per line, then the final Job, then stop.
+    def follow(
+        self, job_id: str, after: str | None = None, *, progress: bool = False
+    ) -> Iterator[LogLine | ProgressUpdate | Job]:
+        """Stream a job's output live: a LogLine per line (and with `progress` a
+        ProgressUpdate per progress report), then the final Job, then stop.
 
         Starts after entry id `after` (None: from the first line). A dropped connection is
         resumed with `Last-Event-ID`, after a short backoff; lines already yielded are never
@@ -408,7 +426,8 @@ class Client:
                             return
                         if _is_after(item.id, last):
                             last, failures = item.id, 0
-                            yield item
+                            if progress or isinstance(item, LogLine):
+                                yield item
                 raise _StreamEnded("the log stream ended before the job did")
             except (httpx.TransportError, _StreamEnded, RedisUnavailable) as exc:
                 failures += 1
@@ -423,8 +442,11 @@ class Client:
             reason = str(exc)
         return TidalError(f"lost the log stream of job {job_id}: {reason}")
 
-    def _follow_once(self, job_id: str, last: str | None) -> Iterator[LogLine | Job]:
-        """One SSE connection: yields lines, and the Job when the `end` event arrives."""
+    def _follow_once(
+        self, job_id: str, last: str | None
+    ) -> Iterator[LogLine | ProgressUpdate | Job]:
+        """One SSE connection: yields lines and progress reports, and the Job when the
+        `end` event arrives."""
         headers = {"Accept": "text/event-stream", "Cache-Control": "no-cache"}
         if last:
             headers["Last-Event-ID"] = last
@@ -448,6 +470,9 @@ class Client:
                 if event.event == "line":
                     data = orjson.loads(event.data)
                     yield LogLine.model_validate({**data, "id": event.id or data.get("id", "")})
+                elif event.event == "progress":
+                    data = orjson.loads(event.data)
+                    yield ProgressUpdate.model_validate({**data, "id": event.id or ""})
 
     def events(self, job_id: str) -> JobEvents:
         """Every transition of the job (seq, time, state, by whom, details)."""

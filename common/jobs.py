@@ -4,6 +4,7 @@ retries, scheduled_at …) and the whole submission as JSON in `spec`."""
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 import orjson
@@ -54,12 +55,43 @@ def _int(value: str | None) -> int | None:
     return int(value) if value not in (None, "") else None
 
 
+def _float(value: str | None) -> float | None:
+    return float(value) if value not in (None, "") else None
+
+
+def progress_of(h: dict[str, str]) -> Progress | None:
+    """The progress the job's current attempt reported (progress.lua's fields); None when
+    it reported none, or only an earlier attempt did."""
+    if not h.get("progress_at") or h.get("progress_attempt") != (h.get("attempt") or "0"):
+        return None
+    return Progress(percent=_float(h.get("progress")), stage=h.get("progress_stage") or None,
+                    message=h.get("progress_message") or None,
+                    time=ms_to_iso(_int(h.get("progress_at"))))
+
+
+def durations(h: dict[str, str], spec: dict[str, Any]) -> tuple[int | None, int | None]:
+    """(wait_ms, run_ms): started − the later of created and scheduled_at (once started),
+    finished − started (once finished). A retried job counts to its last start."""
+    created, started, finished = (_int(h.get(name)) for name in
+                                  ("created_at", "started_at", "finished_at"))
+    scheduled = _int(h.get("scheduled_at"))
+    if scheduled is None and isinstance(spec.get("scheduled_at"), str):  # a mirror's row
+        try:
+            scheduled = iso_to_ms(datetime.fromisoformat(spec["scheduled_at"]))
+        except ValueError:
+            scheduled = None
+    wait_ms = run_ms = None
+    if started is not None and created is not None:
+        wait_ms = max(0, started - max(created, scheduled or 0))
+    if started is not None and finished is not None and finished >= started:
+        run_ms = finished - started
+    return wait_ms, run_ms
+
+
 def job_from_hash(h: dict[str, str]) -> Job:
     """The job document from a job hash (as HGETALL returns it, decoded)."""
     spec: dict[str, Any] = orjson.loads(h.get("spec") or "{}")
-    progress = None
-    if h.get("progress"):
-        progress = Progress.model_validate(orjson.loads(h["progress"]))
+    wait_ms, run_ms = durations(h, spec)
     result = orjson.loads(h["result"]) if h.get("result") else None
     spec.pop("retry_delay", None)
     spec.pop("retry_backoff", None)
@@ -82,7 +114,11 @@ def job_from_hash(h: dict[str, str]) -> Job:
         "result": result,
         "error": h.get("error") or None,
         "reason": h.get("reason") or None,
-        "progress": progress,
+        "progress": progress_of(h),
+        "peak_rss_kb": _int(h.get("peak_rss_kb")),
+        "cpu_s": _float(h.get("cpu_s")),
+        "wait_ms": wait_ms,
+        "run_ms": run_ms,
     }
     return Job.model_validate(doc)
 
@@ -93,9 +129,9 @@ def hash_from_record(rec: Any) -> dict[str, str]:
     for name in (
         "id", "state", "owner", "kind", "queue", "priority", "host", "attempt", "worker",
         "wait_reason", "created_at", "started_at", "finished_at", "exit_code", "result",
-        "error", "reason", "spec",
+        "error", "reason", "spec", "peak_rss_kb", "cpu_s",
     ):
-        value = getattr(rec, name)
+        value = getattr(rec, name, None)  # usage columns: only in mirrors that have them
         if value is not None:
             h[name] = str(value)
     return h

@@ -197,7 +197,22 @@ class JobSubmission(BaseModel):
 
 
 class Progress(BaseModel):
+    """The last progress the job's current attempt reported (docs/live.md#progress)."""
+
     percent: float | None = None
+    stage: str | None = None
+    message: str | None = None
+    time: datetime | None = Field(default=None, description="when it was reported")
+
+
+class ProgressUpdate(BaseModel):
+    """A progress report as a follower sees it (an SSE `progress` frame, a WebSocket
+    `progress` message, an item of `Client.follow(progress=True)`): `id` is its log
+    stream entry id, so it resumes like a line."""
+
+    id: str
+    time: datetime
+    percent: float
     stage: str | None = None
     message: str | None = None
 
@@ -241,6 +256,13 @@ class Job(BaseModel):
     error: str | None = None
     reason: str | None = None
     progress: Progress | None = None
+    peak_rss_kb: int | None = Field(
+        default=None, description="shell jobs: peak RSS of the process tree, in kB")
+    cpu_s: float | None = Field(
+        default=None, description="shell jobs: CPU seconds (user + system) of the process tree")
+    wait_ms: int | None = Field(
+        default=None, description="started_at − the later of created_at and scheduled_at")
+    run_ms: int | None = Field(default=None, description="finished_at − started_at")
     poll_after_ms: int | None = Field(
         default=None, exclude_if=lambda v: v is None,
         description="GET /jobs/{id} of an unfinished job: ask again after this many ms "

@@ -33,6 +33,7 @@ SCRIPT_NAMES = (
     "expire",
     "retry",
     "cron_advance",
+    "progress",
 )
 
 
@@ -378,3 +379,26 @@ def retry(keys: Keys, job_id: str, owner: str, *, by: str, events_maxlen: int) -
 
 def cron_advance(keys: Keys, name: str, fired_ms: int, next_ms: int) -> Call:
     return Call("cron_advance", [keys.cron()], [name, fired_ms, next_ms])
+
+
+def progress(
+    keys: Keys,
+    job_id: str,
+    token: str,
+    *,
+    percent: str,
+    stage: str,
+    message: str,
+    text: str,
+    log_maxlen: int,
+    event: bool,
+    events_maxlen: int,
+) -> Call:
+    """A running attempt's progress report (fenced by its token); see progress.lua."""
+    return Call(
+        "progress",
+        [keys.job(job_id), keys.log(job_id), keys.events()],
+        [token, percent, stage, message, text, log_maxlen, "1" if event else "0",
+         events_maxlen],
+    )
+

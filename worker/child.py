@@ -8,6 +8,10 @@ log, a timeout, cancel or shutdown is SIGTERM then SIGKILL. This writes RESULT a
 means the interpreter died before the function returned (`os._exit`, a segfault, a kill),
 and only this job fails, not the worker.
 
+`ctx.progress()` prints a `::tidal progress` line (worker/calls.py), rate-limited here with
+the worker's own rule, so a tight loop of reports does not flood the pipe; a report held
+back is printed by a timer when it is due, and at the latest when the function returns.
+
 Only the standard library, orjson and worker/calls.py are imported here: it starts fast.
 """
 
@@ -25,7 +29,15 @@ from typing import Any
 
 import orjson
 
-from worker.calls import CallFailed, encode, load, wants_ctx
+from worker.calls import (
+    CallFailed,
+    ProgressThrottle,
+    encode,
+    load,
+    progress_line,
+    progress_report,
+    wants_ctx,
+)
 
 
 class ChildContext:
@@ -36,6 +48,9 @@ class ChildContext:
         self.attempt = attempt
         self._deadline = time.monotonic() + timeout_s
         self._stop = threading.Event()
+        self._throttle = ProgressThrottle()
+        self._lock = threading.Lock()
+        self._timer: threading.Timer | None = None
         signal.signal(signal.SIGTERM, self._on_term)
 
     def _on_term(self, signum: int, frame: FrameType | None) -> None:
@@ -55,19 +70,53 @@ class ChildContext:
         """Write text (one or more lines) to the job's log, as stdout."""
         print(text, flush=True)
 
+    def progress(self, percent: float, stage: str | None = None,
+                 message: str | None = None) -> None:
+        """Report how far the job is (validated and rate-limited like in the worker)."""
+        report = progress_report(percent, stage, message)
+        with self._lock:
+            now = self._throttle.offer(report, time.monotonic())
+            if now is not None:
+                print(progress_line(now), flush=True)
+                return
+            due = self._throttle.due_in(time.monotonic())
+            if due is not None and self._timer is None:
+                self._timer = threading.Timer(due, self._print_due)
+                self._timer.daemon = True
+                self._timer.start()
+
+    def _print_due(self) -> None:
+        with self._lock:
+            self._timer = None
+            if (report := self._throttle.take_held(time.monotonic())) is not None:
+                print(progress_line(report), flush=True)
+
+    def close(self) -> None:
+        """The function returned: print the report still held back, if any."""
+        with self._lock:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            if (report := self._throttle.take_held(time.monotonic())) is not None:
+                print(progress_line(report), flush=True)
+
 
 def call(doc: dict[str, Any]) -> dict[str, Any]:
     """Run the job's function; the RESULT document."""
     try:
         func = load(doc["function"], doc["allowed"])
         kwargs = dict(doc.get("kwargs") or {})
+        ctx = None
         if wants_ctx(func) and "ctx" not in kwargs:
-            kwargs["ctx"] = ChildContext(doc["job_id"], doc["attempt"], doc["timeout_s"])
+            ctx = kwargs["ctx"] = ChildContext(doc["job_id"], doc["attempt"], doc["timeout_s"])
         try:
             value = func(*(doc.get("args") or []), **kwargs)
         except BaseException as exc:  # noqa: B036 - a job's SystemExit is its failure
             traceback.print_exception(exc, file=sys.stderr)
             return {"ok": False, "reason": "exception", "error": f"{type(exc).__name__}: {exc}"}
+        finally:
+            if ctx is not None:
+                ctx.close()
         return {"ok": True, "result": encode(value)}
     except CallFailed as exc:
         print(exc.error, file=sys.stderr)

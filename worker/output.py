@@ -8,14 +8,30 @@ An entry of the job's log stream (`Keys.log`) has the fields the API's log reade
     c  '1' only on a chunk of an over-long line that the next entry of the same stream
        continues (lines are split at `log_line_max_bytes`, on a character boundary)
 
+A progress report (`s` = 'p', written by common/lua/progress.lua, fenced like every write of
+an attempt) is an entry of the same stream, so it reaches followers in order with the
+output and resumes with the same `Last-Event-ID`; it is not an output line (readers show
+it as progress, the budget does not count it):
+
+    s  'p'
+    t  milliseconds (Redis' clock)
+    l  the report as text, `progress 40% compiling: message` (what a reader that does not
+       know progress shows)
+    pc the percent (text, e.g. `40` or `12.5`); st the stage, m the message ('' for none)
+
 Each attempt has an output budget (`log_max_lines` lines, `log_max_bytes` bytes): past it,
 output is counted instead of stored and only its tail is kept (`Overflow`, at C speed, so a
 flood like `yes` costs the worker little), then one system line says what was left out:
-`[output over this attempt's limit …: N lines (M bytes) not stored; the last lines follow]`.
+`[output over this attempt's limit (…): N lines dropped (M bytes), not stored; the last
+lines follow]`. Lines dropped because Redis was unreachable for long are reported as
+`[N log lines dropped]`.
 
-One flush is ONE non-transactional pipeline: an XADD (MAXLEN ~ log_max_lines) per line and
-one PUBLISH of the line count on the job's log channel (`Keys.log_channel`), a wake-up hint
-for followers (pub/sub is at-most-once, the stream is the record: RELIABILITY.md finding 7).
+One flush is ONE non-transactional pipeline: an XADD (MAXLEN ~ log_max_lines, plus the
+progress entries written, so progress never pushes output out) per line, a progress.lua
+call per progress report due, and one PUBLISH of the entry count on the job's log channel
+(`Keys.log_channel`), a wake-up hint for followers (pub/sub is at-most-once, the stream is
+the record: RELIABILITY.md finding 7). Progress reports are rate-limited
+(worker/calls.py `ProgressThrottle`) and some of them are also events (`progress_event`).
 """
 
 from __future__ import annotations
@@ -24,22 +40,31 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import redis
 
+from common import scripts as sc
 from common.backoff import retry_delay_s
 from common.clock import monotonic, now_ms
 from common.keys import Keys
 from common.logging import get_logger
+from common.settings import Settings
+from worker.calls import ProgressReport, ProgressThrottle
 
 Stream = Literal["o", "e", "x"]
 Chunk = tuple[str, bool]  # (text, continued by the next chunk)
+# a buffered entry: (stream, ms, text, continued), or ('p', ms, ProgressItem, False)
+Item = tuple[str, int, Any, bool]
 
 BATCH_LINES = 200  # flush at once when this many lines wait
 TAIL_LINES = 1000  # at most this many lines of an overflowing stream's tail are kept
 MAX_BUFFERED = 10_000  # lines kept while Redis is unreachable; older ones are dropped
 CLOSE_TRIES = 3
+PROGRESS_STEP = 10  # percent: crossing into another step of this size makes an event …
+PROGRESS_EVENTS_MAX = 100  # … and so does a new stage, at most this many per attempt
+DEFAULT_EVENTS_MAXLEN: int = Settings.model_fields["events_maxlen"].default
 
 log = get_logger("tidal.worker.output")
 
@@ -140,6 +165,36 @@ class Overflow:
         return skipped[0], skipped[1], splitter.feed(tail) + splitter.close()
 
 
+@dataclass(frozen=True, slots=True)
+class ProgressItem:
+    """A progress report on its way to Redis, and whether it is also an event."""
+
+    report: ProgressReport
+    event: bool
+
+
+class ProgressEvents:
+    """Which progress reports also go to the job's events (GET /jobs/{id}/events), so the
+    events stream stays small: the first report, then a report whose stage differs from
+    the last one sent as an event, or whose percent is in another PROGRESS_STEP (0–9,
+    10–19, … 100) than it; at most PROGRESS_EVENTS_MAX per attempt. A job that goes from
+    0 to 100 in one stage makes at most 11."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._stage: str | None = None
+        self._step = -1
+
+    def __call__(self, report: ProgressReport) -> bool:
+        step = int(report.percent // PROGRESS_STEP)
+        if self.count >= PROGRESS_EVENTS_MAX or (report.stage == self._stage
+                                                 and step == self._step):
+            return False
+        self.count += 1
+        self._stage, self._step = report.stage, step
+        return True
+
+
 def text_chunks(text: str, max_bytes: int) -> list[Chunk]:
     """Lines of a text the worker or a python job logs, cut like process output."""
     splitter = LineSplitter(max_bytes)
@@ -157,7 +212,12 @@ class LogWriter:
 
     Budget: once `max_lines` lines or `max_bytes` characters were accepted, `full` is set
     and further lines are only counted; `add_tail` then writes the note of what was left
-    out (once) and a bounded tail past the budget."""
+    out (once) and a bounded tail past the budget.
+
+    Progress: once `bind(token)` gave it the attempt's fencing token, `progress` queues
+    reports through the attempt's ProgressThrottle; they are written in order with the
+    lines, by progress.lua, in the same flush pipeline. A write refused because the
+    attempt no longer owns the job turns progress off for this writer."""
 
     def __init__(
         self,
@@ -169,8 +229,11 @@ class LogWriter:
         max_lines: int,
         max_bytes: int | None = None,
         on_pending: Callable[[], None] | None = None,
+        token: str | None = None,
+        events_maxlen: int = DEFAULT_EVENTS_MAXLEN,
     ) -> None:
         self.client = client
+        self.keys = keys
         self.key = keys.log(job_id)
         self.channel = keys.log_channel(job_id)
         self.job_id = job_id
@@ -182,13 +245,61 @@ class LogWriter:
         self._stored = (0, 0)  # lines, characters accepted within the budget
         self._over = (0, 0)  # lines, bytes past it
         self._noted = False
-        self._lines: deque[tuple[Stream, int, str, bool]] = deque()
+        self._lines: deque[Item] = deque()
         self._first_at: float | None = None  # monotonic time of the first unflushed line
         self._dropped = 0
         self._closed = False
         self._lock = threading.Lock()
         self._send_lock = threading.Lock()
         self.written = 0
+        self.token = token
+        self.events_maxlen = events_maxlen
+        self.progress_written = 0  # progress entries this writer put in the log stream
+        self._throttle = ProgressThrottle()
+        self._events = ProgressEvents()
+        self._progress_off = False
+        self._scripts: sc.Scripts | None = None
+
+    # -- progress ---------------------------------------------------------------------
+
+    def bind(self, token: str) -> None:
+        """The attempt's fencing token (its dispatch entry id): progress writes need it."""
+        self.token = token
+
+    def progress(self, report: ProgressReport) -> None:
+        """Queue a progress report (rate-limited: see worker/calls.py ProgressThrottle)."""
+        with self._lock:
+            if self._closed or self._progress_off or self.token is None:
+                return
+            was_holding = self._throttle.holding
+            report_now = self._throttle.offer(report, monotonic())
+            if report_now is not None:
+                wake = self._queue_progress(report_now)
+            else:  # newly held: whoever flushes on time must know when it is due
+                wake = self._throttle.holding and not was_holding
+        if wake and self.on_pending is not None:
+            self.on_pending()
+
+    def _queue_progress(self, report: ProgressReport) -> bool:
+        """Put a report in the buffer, in order with the lines (the caller holds the
+        lock); True when it is the first thing waiting."""
+        self._lines.append(("p", now_ms(), ProgressItem(report, self._events(report)), False))
+        first = self._first_at is None
+        if first:
+            self._first_at = monotonic()
+        return first
+
+    def _release_progress(self, *, final: bool = False) -> bool:
+        """Move the held report into the buffer if it is due (or `final`); True if moved."""
+        with self._lock:
+            if self._closed or self._progress_off:
+                return False
+            now = monotonic()
+            report = self._throttle.take_held(now) if final else self._throttle.take_due(now)
+            if report is None:
+                return False
+            self._queue_progress(report)
+            return True
 
     def add(
         self, stream: Stream, text: str, continued: bool = False, *, budget: bool = True
@@ -248,19 +359,26 @@ class LogWriter:
             f" / {self.max_bytes} bytes" if self.max_bytes is not None else ""
         )
         follow = "; the last lines follow" if tail else ""
-        self.add("x", f"[output over this attempt's limit ({limit}): {lines} lines "
-                      f"({nbytes} bytes) not stored{follow}]", budget=False)
+        self.add("x", f"[output over this attempt's limit ({limit}): {lines} lines dropped "
+                      f"({nbytes} bytes), not stored{follow}]", budget=False)
 
     def due_in(self) -> float | None:
-        """Seconds until a time-based flush is due (0 if overdue), None if nothing waits."""
+        """Seconds until a time-based flush is due (0 if overdue), None if nothing waits
+        (a held progress report counts)."""
         first = self._first_at
-        if first is None:
-            return None
-        return max(0.0, first + self.flush_s - monotonic())
+        now = monotonic()
+        lines = None if first is None else max(0.0, first + self.flush_s - now)
+        held = self._throttle.due_in(now)
+        if held is None or lines is None:
+            return held if lines is None else lines
+        return min(lines, held)
 
     def flush_if_due(self) -> None:
-        due = self.due_in()
-        if due is not None and due <= 0:
+        if self._release_progress():
+            self.flush()
+            return
+        first = self._first_at
+        if first is not None and monotonic() >= first + self.flush_s:
             self.flush()
 
     def flush(self) -> bool:
@@ -285,8 +403,10 @@ class LogWriter:
             return True
 
     def close(self) -> None:
-        """Final flush (a few tries), then refuse further lines."""
+        """Final flush (a few tries), then refuse further lines. The last progress report
+        held back by the rate limit goes out now: the job's last word is always written."""
         self._note()
+        self._release_progress(final=True)
         for attempt in range(1, CLOSE_TRIES + 1):
             if self.flush():
                 break
@@ -297,17 +417,56 @@ class LogWriter:
             self._lines.clear()
             self._first_at = None
 
-    def _send(self, batch: list[tuple[Stream, int, str, bool]]) -> None:
+    def _send(self, batch: list[Item]) -> None:
         pipe = self.client.pipeline(transaction=False)
-        for stream, at, text, continued in batch:
+        key, maxlen = self.key, self.max_lines + self.progress_written
+        reports: list[int] = []  # where the progress calls are in the pipeline
+        for n, (stream, at, text, continued) in enumerate(batch):
+            if stream == "p":
+                maxlen += 1
+                reports.append(n)
+                self._run(self._progress_call(text, maxlen), pipe)
+                continue
             fields: dict[str, str | int] = {"s": stream, "t": at, "l": text}
             if continued:
                 fields["c"] = "1"
-            pipe.xadd(self.key, fields, maxlen=self.max_lines, approximate=True)
+            pipe.xadd(key, fields, maxlen=maxlen, approximate=True)
         pipe.publish(self.channel, len(batch))
-        pipe.execute()
+        if not reports:
+            pipe.execute()
+            return
+        # a refused progress write must not fail (and so resend) the lines around it
+        results = pipe.execute(raise_on_error=False)
+        for n, result in enumerate(results[:-1]):
+            if n not in reports and isinstance(result, Exception):
+                raise result
+        self.progress_written += len(reports)
+        for n in reports:
+            self._progress_result(results[n])
 
-    def _put_back(self, batch: list[tuple[Stream, int, str, bool]]) -> None:
+    def _run(self, call: sc.Call, pipe: Any) -> None:
+        if self._scripts is None:
+            self._scripts = sc.Scripts(self.client)
+        self._scripts.run(call, pipe)
+
+    def _progress_call(self, item: ProgressItem, log_maxlen: int) -> sc.Call:
+        report = item.report
+        return sc.progress(
+            self.keys, self.job_id, self.token or "", percent=report.percent_text(),
+            stage=report.stage, message=report.message, text=report.text(),
+            log_maxlen=log_maxlen, event=item.event, events_maxlen=self.events_maxlen,
+        )
+
+    def _progress_result(self, result: Any) -> None:
+        if isinstance(result, Exception):
+            log.warning("progress write failed", job_id=self.job_id, error=str(result))
+        elif result != 1:
+            # -1: another attempt owns the job, -2: it is not running, -3: it is gone
+            self._progress_off = True
+            log.info("progress refused: the attempt no longer owns the job",
+                     job_id=self.job_id, code=result)
+
+    def _put_back(self, batch: list[Item]) -> None:
         with self._lock:
             room = MAX_BUFFERED - len(self._lines)
             keep = batch[-room:] if room > 0 else []

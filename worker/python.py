@@ -8,8 +8,13 @@ Arguments are the job's JSON `args` / `kwargs`; the return value must serialize 
 
 A function that declares a parameter named `ctx` receives a `JobContext`: `job_id`,
 `attempt`, `cancelled` (True once the job is cancelled, timed out or the worker shuts
-down), `wait(seconds)` (a sleep that ends early on cancel) and `log(text)`, which writes
-to the job's log like stdout does.
+down), `wait(seconds)` (a sleep that ends early on cancel), `log(text)`, which writes
+to the job's log like stdout does, and `progress(percent, stage=None, message=None)`:
+percent from 0 to 100, stage one word (at most 64 characters, no spaces), message one
+line (cut at 512 characters); anything else raises ValueError. Progress is rate-limited
+(worker/calls.py `ProgressThrottle`), so calling it in a tight loop costs no round trip
+per call; the last report is always written. In process mode the child prints the
+report as a `::tidal progress` line, which the worker reads like a shell job's.
 
 Thread mode (the default) — read before relying on timeouts. A thread cannot be killed
 (RELIABILITY.md finding 11). Cancel, timeout and shutdown are therefore cooperative: the
@@ -37,6 +42,7 @@ import sys
 import tempfile
 import traceback
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +93,12 @@ class JobContext:
         for line in str(text).split("\n"):
             self._writer.add_chunks("o", text_chunks(line, self._line_max))
 
+    def progress(self, percent: float, stage: str | None = None,
+                 message: str | None = None) -> None:
+        """Report how far the job is: shown live to followers, in the job document and
+        (at coarse steps) in its events. Cheap to call often: writes are rate-limited."""
+        self._writer.progress(calls.progress_report(percent, stage, message))
+
 
 def _load(function: str, allowed: Iterable[str]) -> Callable[..., Any] | Outcome:
     try:
@@ -116,6 +128,7 @@ def run_python(
         writer.add("x", func.error)
         return func
     deadline = monotonic() + timeout_s
+    writer.bind(run.token)
     kwargs = dict(run.spec.kwargs)
     if calls.wants_ctx(func) and "ctx" not in kwargs:
         kwargs["ctx"] = JobContext(run, writer, deadline, line_max_bytes)
@@ -170,7 +183,7 @@ def run_python_isolated(
         outcome = done.outcome()
         if done.kill_reason is not None or outcome.reason == "pids_limit":
             return outcome
-        return _child_outcome(result_path, outcome)
+        return replace(_child_outcome(result_path, outcome), usage=outcome.usage)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

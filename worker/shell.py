@@ -17,17 +17,27 @@
   is killed when the job ends, and a job that hit the cgroup's `pids.max` fails with
   reason `pids_limit` (a fork bomb), whatever its exit code.
 - Output past the attempt's budget is counted, not stored; its tail is kept (`Overflow`).
+- Progress: a stdout line `::tidal progress PERCENT [STAGE [MESSAGE]]` (grammar in
+  worker/calls.py `parse_progress_line`) is a progress report, not output; a line that
+  starts with `::tidal` but does not parse stays an ordinary line. Past the output budget
+  the last whole report line of each read is still recognised.
+- Usage: the tree's RSS (summed over its processes) and CPU are sampled every
+  SAMPLE_EVERY_S with psutil, and the leader is reaped with wait4, whose rusage covers it
+  and every descendant reaped below it; the outcome carries `peak_rss_kb` (the larger of
+  the peak sampled sum and rusage's max RSS) and `cpu_s` (user + system, the larger of the
+  sampled sum and rusage's). A job that ends within the first sample has only rusage.
 """
 
 from __future__ import annotations
 
 import os
+import select
 import selectors
 import signal
 import subprocess
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import IO
 
 import psutil
@@ -35,13 +45,17 @@ import psutil
 from common.clock import monotonic
 from common.scripts import Outcome
 from worker import process as pg
+from worker.calls import DIRECTIVE, PROGRESS_DIRECTIVE, parse_progress_line
 from worker.cgroup import JobCgroup
 from worker.job import JobRun, abort_outcome
-from worker.output import LineSplitter, LogWriter, Overflow, Stream
+from worker.output import Chunk, LineSplitter, LogWriter, Overflow, Stream, decode
 
 READ_BYTES = 64 * 1024
 DRAIN_S = 1.0  # how long pipes may stay open after the leader exited
 REAP_S = 10.0  # bound on waiting for a SIGKILLed leader to be reaped
+SAMPLE_FIRST_S = 0.1  # the process tree's first usage sample, after the start …
+SAMPLE_EVERY_S = 0.5  # … then one this often
+_PROGRESS_BYTES = PROGRESS_DIRECTIVE.encode()
 # never handed to jobs: credentials of the worker itself
 SECRET_ENV = ("TIDAL_TOKEN", "TIDAL_REDIS_URL", "TIDAL_DATABASE_URL")
 
@@ -96,6 +110,7 @@ def run_process(
     """Start `argv` in a new session (inside the attempt's cgroup, if any) and pump it to
     its end; the finished session, or the outcome of an exec error (or of a start that
     `may_start` refused, asked as late as possible)."""
+    writer.bind(run.token)
     try:
         with limits.cgroup.entered() if limits.cgroup else nullcontext():
             if limits.may_start is not None and not limits.may_start():
@@ -122,6 +137,41 @@ def run_process(
     return session
 
 
+class TreeUsage:
+    """What a process tree used: peak RSS (the largest sum over its live processes seen at
+    one sample) and CPU seconds (user + system, each process's last sample, added up)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.peak_rss_kb = 0
+        self._cpu: dict[tuple[int, float], float] = {}  # (pid, start time) → seconds
+
+    def sample(self) -> None:
+        try:
+            leader = psutil.Process(self.pid)
+            procs = [leader, *leader.children(recursive=True)]
+        except psutil.Error:
+            return
+        rss = 0
+        for proc in procs:
+            try:
+                with proc.oneshot():
+                    mem, cpu = proc.memory_info().rss, proc.cpu_times()
+                    self._cpu[(proc.pid, proc.create_time())] = cpu.user + cpu.system
+            except psutil.Error:  # ended meanwhile, or a zombie
+                continue
+            rss += mem
+        self.peak_rss_kb = max(self.peak_rss_kb, rss // 1024)
+
+    def fields(self, rusage: os.struct_rusage | None) -> tuple[tuple[str, str], ...]:
+        """`peak_rss_kb` and `cpu_s`, with the reaped leader's rusage (if any) folded in."""
+        peak, cpu = self.peak_rss_kb, sum(self._cpu.values())
+        if rusage is not None:
+            peak = max(peak, rusage.ru_maxrss)  # kB on Linux
+            cpu = max(cpu, rusage.ru_utime + rusage.ru_stime)
+        return (("peak_rss_kb", str(int(peak))), ("cpu_s", f"{cpu:.3f}"))
+
+
 class ShellSession:
     """The select loop of one running process group."""
 
@@ -140,6 +190,10 @@ class ShellSession:
         self.drain_until: float | None = None
         self.exited = False
         self.tree: list[psutil.Process] = []
+        self.usage = TreeUsage(proc.pid)
+        self.rusage: os.struct_rusage | None = None
+        self.next_sample = monotonic() + SAMPLE_FIRST_S
+        self.midline: dict[int, bool] = {}  # per pipe: its last chunk is continued
         self.sel = selectors.DefaultSelector()
         self.splitters: dict[int, tuple[Stream, LineSplitter]] = {}
         self.overflows: dict[Stream, Overflow] = {}
@@ -187,6 +241,9 @@ class ShellSession:
                 self._terminate("timeout")
         if self.kill_at is not None and not self.killed and now >= self.kill_at:
             self._kill()
+        if not self.exited and now >= self.next_sample:
+            self.usage.sample()
+            self.next_sample = monotonic() + SAMPLE_EVERY_S
         if self.exited and self.splitters and self.drain_until is None:
             self.drain_until = now + DRAIN_S
         self.writer.flush_if_due()
@@ -199,6 +256,7 @@ class ShellSession:
                 waits.append(0.05)
             if self.kill_reason is None:
                 waits.append(self.deadline - now)
+            waits.append(self.next_sample - now)
         if self.kill_at is not None and not self.killed:
             waits.append(self.kill_at - now)
         if self.drain_until is not None:
@@ -222,8 +280,51 @@ class ShellSession:
             self._close_pipe(fd)
         elif self.writer.full:  # past the budget: count the rest, keep its tail
             self._overflow(stream, splitter).feed(data)
+            if stream == "o":
+                self._last_report(data)
         else:
-            self.writer.add_chunks(stream, splitter.feed(data))
+            self._add(fd, stream, splitter.feed(data))
+
+    def _add(self, fd: int, stream: Stream, chunks: list[Chunk]) -> None:
+        """Output lines to the writer; progress lines (whole stdout lines) to its progress."""
+        if not chunks:
+            return
+        if stream == "o" and any(text.startswith(DIRECTIVE) for text, _ in chunks):
+            chunks = self._take_reports(fd, chunks)
+        else:
+            self.midline[fd] = chunks[-1][1]
+        self.writer.add_chunks(stream, chunks)
+
+    def _take_reports(self, fd: int, chunks: list[Chunk]) -> list[Chunk]:
+        """Hand each report to the writer after the lines before it (so they stay in
+        order); returns the lines after the last report."""
+        out: list[Chunk] = []
+        mid = self.midline.get(fd, False)
+        for text, continued in chunks:
+            report = None
+            if not mid and not continued and text.startswith(PROGRESS_DIRECTIVE):
+                report = parse_progress_line(text)
+            if report is not None:
+                self.writer.add_chunks("o", out)
+                out = []
+                self.writer.progress(report)
+            else:
+                out.append((text, continued))
+            mid = continued
+        self.midline[fd] = mid
+        return out
+
+    def _last_report(self, data: bytes) -> None:
+        """Past the budget: the last whole `::tidal progress` line of this read, if any."""
+        end = len(data)
+        while (at := data.rfind(_PROGRESS_BYTES, 0, end)) >= 0:
+            stop = data.find(b"\n", at)
+            if (at == 0 or data[at - 1] == 0x0A) and stop >= 0:
+                report = parse_progress_line(decode(data[at:stop]).removesuffix("\r"))
+                if report is not None:
+                    self.writer.progress(report)
+                    return
+            end = at
 
     def _overflow(self, stream: Stream, splitter: LineSplitter) -> Overflow:
         if stream not in self.overflows:
@@ -237,7 +338,7 @@ class ShellSession:
         if self.writer.full:
             self._overflow(stream, splitter)
         else:
-            self.writer.add_chunks(stream, splitter.close())
+            self._add(fd, stream, splitter.close())
 
     def _mark_exited(self) -> None:
         self.exited = True
@@ -288,10 +389,7 @@ class ShellSession:
         self._write_overflows()
         if self.limit_hits:
             self.writer.add("x", self._pids_error(), budget=False)
-        try:
-            self.proc.wait(timeout=REAP_S)
-        except subprocess.TimeoutExpired:
-            pass
+        self._reap()
         for pipe in (self.proc.stdout, self.proc.stderr):
             if pipe is not None:
                 pipe.close()
@@ -300,6 +398,27 @@ class ShellSession:
             self.pidfd = None
         self.sel.close()
         self.run.close_wake()
+
+    def _reap(self) -> None:
+        """Reap the leader with wait4, for its rusage (the leader's CPU and max RSS, and
+        those of every descendant reaped below it); without a pidfd to wait on, or when it
+        does not end within REAP_S, Popen.wait does it (and the rusage is not known)."""
+        pid = self.proc.pid
+        if not self.exited and self.pidfd is not None:
+            readable, _, _ = select.select([self.pidfd], [], [], REAP_S)
+            self.exited = bool(readable)
+        elif not self.exited:
+            self.exited = pg.has_exited(pid)
+        if self.exited and self.proc.returncode is None:
+            try:
+                _, status, self.rusage = os.wait4(pid, 0)
+                self.proc.returncode = os.waitstatus_to_exitcode(status)
+            except ChildProcessError:  # reaped elsewhere
+                pass
+        try:
+            self.proc.wait(timeout=REAP_S)
+        except subprocess.TimeoutExpired:
+            pass
 
     def _write_overflows(self) -> None:
         tails = []
@@ -316,6 +435,10 @@ class ShellSession:
                 f"({self.limit_hits} forks refused at pids.max)")
 
     def outcome(self) -> Outcome:
+        """How the attempt ended, with what its process tree used."""
+        return replace(self._outcome(), usage=self.usage.fields(self.rusage))
+
+    def _outcome(self) -> Outcome:
         if self.kill_reason is not None and self.kill_reason != "timeout":
             return abort_outcome(self.kill_reason)
         if self.limit_hits:

@@ -5,6 +5,10 @@ history. When the job hash says there are newer transitions than the mirror has,
 recent part of the events stream is searched for them (at most SCAN_LIMIT entries, newest
 first); whatever is still missing makes the answer `complete: false`.
 
+A progress event (progress.lua: stored with state `running` and a `progress` field, so a
+mirror applying it keeps the job running) is shown with state `progress`, and its data
+(`attempt`, `progress`, `stage`).
+
 A job with a `callback_url` also shows its callback's outcome, right after the terminal
 transition it reports: state `callback_pending`, `callback_delivered` or `callback_failed`
 (gave up), by `recorder`, with the url, attempts, last status code and error.
@@ -52,6 +56,8 @@ def _callback_event(rec: CallbackRecord) -> JobEvent:
 
 
 def _event(seq: int, at: int, state: str, by: str, data: dict[str, Any]) -> JobEvent:
+    if state == "running" and "progress" in data:  # a report, not a transition
+        state = "progress"
     return JobEvent(seq=seq, time=datetime.fromtimestamp(at / 1000, tz=UTC), state=state, by=by,
                     data=data)
 

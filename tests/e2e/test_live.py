@@ -141,6 +141,35 @@ def test_binary_output_reaches_a_follower_replaced_not_lost(cluster: Cluster) ->
     assert isinstance(items[-1], Job) and items[-1].state == "completed"
 
 
+def test_progress_reaches_the_cli_the_document_and_the_events(cluster: Cluster) -> None:
+    """A shell job's `::tidal progress` lines: plain progress lines from `submit --follow`
+    and `wait` (not a terminal here), the job's own output untouched on stdout, the last
+    report in `status`, and peak RSS / CPU in the document."""
+    script = ("echo '::tidal progress 25 prep'; echo out; sleep 0.3; "
+              "echo '::tidal progress 100 done all good'")
+    out = cluster.cli("submit", "--follow", "--", "sh", "-c", script)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "out\n"
+    assert "[tidal] progress 25% prep\n" in out.stderr
+    assert "[tidal] progress 100% done: all good\n" in out.stderr
+    as_json = cluster.cli("submit", "--follow", "--json", "--", "sh", "-c", script)
+    docs = [json.loads(line) for line in as_json.stdout.splitlines()]
+    assert [d.get("text") for d in docs[:-1]] == ["out"]  # --json: lines and the job only
+    job_id = docs[-1]["id"]
+    assert docs[-1]["progress"]["percent"] == 100
+    job = cluster.client.submit({"command": ["sh", "-c", "sleep 0.3; " + script]})
+    waited = cluster.cli("wait", job.id)
+    assert waited.returncode == 0, waited.stderr
+    assert "[tidal] progress 100% done: all good" in waited.stderr
+    status = cluster.cli("status", job_id)
+    assert "100% done: all good" in status.stdout and "peak RSS" in status.stdout
+    doc = cluster.client.get(job_id)
+    assert doc.peak_rss_kb and doc.cpu_s is not None and doc.run_ms and doc.run_ms >= 300
+    events = wait_for(lambda: [e for e in cluster.client.events(job_id).events
+                               if e.state == "progress"], timeout=20, what="progress events")
+    assert [e.data.get("stage") for e in events] == ["prep", "done"]
+
+
 def test_tidal_wait_long_polls_and_exits_with_the_jobs_code(cluster: Cluster) -> None:
     job = cluster.client.submit({"command": ["sh", "-c", "sleep 0.5; exit 5"]})
     out = cluster.cli("wait", job.id)

@@ -54,7 +54,8 @@ class FakeClient:
         self._call("submit", sub)
         return make_job()
 
-    def follow(self, job_id: str, after: str | None = None) -> Iterator[LogLine | Job]:
+    def follow(self, job_id: str, after: str | None = None,
+               progress: bool = False) -> Iterator[LogLine | Job]:
         self._call("follow", job_id)
         yield from self.lines
         yield self.final
@@ -86,6 +87,10 @@ class FakeClient:
     def wait(self, job_id: str, timeout: float | None = None) -> Job:
         self._call("wait", (job_id, timeout))
         return self.final
+
+    def watch(self, job_id: str, timeout: float | None = None) -> Iterator[Job]:
+        self._call("watch", (job_id, timeout))
+        yield self.final
 
     def workers(self) -> list[WorkerInfo]:
         self._call("workers", None)
@@ -231,7 +236,8 @@ def test_follow_json_is_one_document_per_line(fake: FakeClient) -> None:
 def test_ctrl_c_while_following_exits_130_and_says_the_job_goes_on(
     fake: FakeClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def interrupted(job_id: str, after: str | None = None) -> Iterator[LogLine | Job]:
+    def interrupted(job_id: str, after: str | None = None,
+                    progress: bool = False) -> Iterator[LogLine | Job]:
         yield make_line("1-0", "hello")
         raise KeyboardInterrupt
 
@@ -354,7 +360,7 @@ def test_wait_exits_with_the_job_code(fake: FakeClient) -> None:
     fake.final = make_job(state="failed", exit_code=4)
     result = runner.invoke(app, ["wait", "J1", "--timeout", "5"])
     assert result.exit_code == 4
-    assert ("wait", ("J1", 5.0)) in fake.calls
+    assert ("watch", ("J1", 5.0)) in fake.calls
 
 
 def test_wait_timeout_is_an_error(fake: FakeClient) -> None:

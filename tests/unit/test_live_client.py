@@ -1,9 +1,11 @@
 """The SDK and CLI side of watching jobs live: wait() by long-poll honouring poll_after_ms,
-events, queues, metrics; `tidal wait`, `tidal queues`, `tidal events`."""
+watch(), follow() with progress, events, queues, metrics; `tidal wait`, `tidal queues`,
+`tidal events`, and progress in `tidal wait`, `submit --follow` and `status`."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -14,9 +16,18 @@ from typer.testing import CliRunner
 import cli.main
 from cli.main import app
 from common.client import Client
-from common.models import JobEvent, JobEvents, QueueInfo, State
+from common.models import (
+    Job,
+    JobEvent,
+    JobEvents,
+    LogLine,
+    Progress,
+    ProgressUpdate,
+    QueueInfo,
+    State,
+)
 from tests.unit.test_cli import FakeClient, make_job
-from tests.unit.test_client import job_doc, make_client
+from tests.unit.test_client import end_frame, job_doc, line_frame, make_client, sse
 
 runner = CliRunner()
 
@@ -97,7 +108,25 @@ def test_events_queues_and_metrics() -> None:
 # -- CLI ------------------------------------------------------------------------------------
 
 
+AT = datetime(2026, 1, 1, 12, 0, 0, 250_000, tzinfo=UTC)
+
+
 class LiveFake(FakeClient):
+    def watch(self, job_id: str, timeout: float | None = None) -> Iterator[Job]:
+        self._call("watch", (job_id, timeout))
+        for percent, stage in ((10, "fetch"), (10, "fetch"), (60, "build")):
+            yield make_job(job_id, "running").model_copy(
+                update={"progress": Progress(percent=percent, stage=stage, time=AT)})
+        yield self.final
+
+    def follow(self, job_id: str, after: str | None = None,
+               progress: bool = False) -> Iterator[LogLine | ProgressUpdate | Job]:
+        self._call("follow", (job_id, progress))
+        yield LogLine(id="1-0", stream="stdout", time=AT, text="out")
+        if progress:
+            yield ProgressUpdate(id="2-0", time=AT, percent=50, stage="build", message="half")
+        yield self.final
+
     def queues(self) -> list[QueueInfo]:
         self._call("queues", None)
         return [QueueInfo(queue="default", queued=7, in_flight=2, running=2, slots=4, workers=1,
@@ -155,3 +184,84 @@ def test_wait_exits_with_the_jobs_code(live: LiveFake, job: dict[str, Any], code
     live.final = make_job(**job)
     result = runner.invoke(app, ["wait", "J1"])
     assert result.exit_code == code, result.output
+
+
+def test_wait_prints_each_new_progress_as_a_plain_line_off_a_terminal(live: LiveFake) -> None:
+    live.final = make_job(state="completed", exit_code=0)
+    result = runner.invoke(app, ["wait", "J1"])
+    assert result.exit_code == 0, result.output
+    assert result.stderr.splitlines()[:2] == ["[tidal] progress 10% fetch",
+                                              "[tidal] progress 60% build"]
+    assert "progress" not in result.stdout  # the final panel has no progress row: none
+
+
+def test_wait_json_has_no_progress_lines(live: LiveFake) -> None:
+    live.final = make_job(state="completed", exit_code=0)
+    result = runner.invoke(app, ["wait", "J1", "--json"])
+    assert result.exit_code == 0 and result.stderr == ""
+    assert json.loads(result.stdout)["state"] == "completed"
+
+
+def test_follow_prints_progress_on_stderr_and_keeps_stdout_and_json_clean(
+    live: LiveFake,
+) -> None:
+    live.final = make_job(state="completed", exit_code=0)
+    result = runner.invoke(app, ["logs", "-f", "J1"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "out\n"
+    assert result.stderr == "[tidal] progress 50% build: half\n"
+    assert ("follow", ("J1", True)) in live.calls
+    as_json = runner.invoke(app, ["logs", "-f", "J1", "--json"])
+    docs = [json.loads(line) for line in as_json.stdout.splitlines()]
+    assert [d.get("text") for d in docs] == ["out", None] and as_json.stderr == ""
+    assert ("follow", ("J1", False)) in live.calls
+
+
+def test_status_shows_progress_usage_and_times(live: LiveFake, monkeypatch: Any) -> None:
+    job = make_job("J1", "completed").model_copy(update={
+        "progress": Progress(percent=100, stage="done", message="all good", time=AT),
+        "peak_rss_kb": 81920, "cpu_s": 1.234, "wait_ms": 850, "run_ms": 125_000})
+    monkeypatch.setattr(live, "get", lambda job_id, *a, **k: job)
+    result = runner.invoke(app, ["status", "J1"], env={"COLUMNS": "120"})
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert "100% done: all good" in out
+    assert "80.0 MiB" in out and "1.23s" in out and "850ms" in out and "2m05s" in out
+
+
+def test_follow_with_progress_yields_reports_in_order_and_resumes_past_them() -> None:
+    progress = ('id: 2-0\nevent: progress\ndata: {"time": "2026-01-01T00:00:00Z", '
+                '"percent": 40.0, "stage": "build", "message": null}\n\n')
+    seen: list[str | None] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.headers.get("last-event-id"))
+        if len(seen) == 1:  # dropped right after the progress frame
+            return sse([line_frame("1-0", "one"), progress])
+        return sse([line_frame("3-0", "three"), end_frame(state="completed")])
+
+    with make_client(handler) as client:
+        items = list(client.follow("J1", progress=True))
+    assert seen == [None, "2-0"]  # resumed after the progress frame, not the line before it
+    assert [type(i).__name__ for i in items] == ["LogLine", "ProgressUpdate", "LogLine", "Job"]
+    report = items[1]
+    assert isinstance(report, ProgressUpdate)
+    assert (report.id, report.percent, report.stage, report.message) == ("2-0", 40.0, "build",
+                                                                         None)
+    seen.clear()
+    with make_client(handler) as client:
+        plain = list(client.follow("J1"))  # without progress=True: lines and the job only
+    assert [type(i).__name__ for i in plain] == ["LogLine", "LogLine", "Job"]
+
+
+def test_watch_yields_each_changed_document_then_the_final_one() -> None:
+    running = job_doc(state="running", poll_after_ms=1000)
+    halfway = {**running, "progress": {"percent": 50, "stage": "b", "message": None,
+                                       "time": None}}
+    client, requests, _slept = recorded([running, halfway, halfway,
+                                         job_doc(state="completed", exit_code=0)])
+    with client:
+        docs = list(client.watch("J1"))
+    assert [(d.state, d.progress.percent if d.progress else None) for d in docs] == [
+        (State.RUNNING, None), (State.RUNNING, 50), (State.COMPLETED, None)]
+    assert len(requests) == 4

@@ -55,8 +55,8 @@ def test_writer_budget_then_one_note() -> None:
     writer.close()
     assert lines(client) == [
         "line 0", "line 1",
-        "[output over this attempt's limit (1000 lines / 10 bytes): 3 lines (21 bytes) not "
-        "stored]",
+        "[output over this attempt's limit (1000 lines / 10 bytes): 3 lines dropped (21 bytes), "
+        "not stored]",
     ]
 
 

@@ -98,32 +98,54 @@ def test_allow_list(module: str, allowed: list[str], ok: bool) -> None:
 
 
 class FakePipe:
-    def __init__(self, sink: list[list[tuple[str, Any]]], fail: bool) -> None:
-        self.sink, self.fail, self.ops = sink, fail, []
+    def __init__(self, sink: list[list[tuple[str, Any]]], fail: bool, answer: int,
+                 cap: int) -> None:
+        self.sink, self.fail, self.answer, self.cap, self.ops = sink, fail, answer, cap, []
 
     def xadd(self, key: str, fields: dict[str, Any], maxlen: int, approximate: bool) -> None:
-        assert approximate and maxlen == 1000
+        # the output cap, plus one per progress entry written (they never push output out)
+        progress = sum(1 for batch in self.sink for op, _ in batch if op == "progress")
+        assert approximate and maxlen == self.cap + progress + self._progress_here()
         self.ops.append(("xadd", (key, fields)))
+
+    def _progress_here(self) -> int:
+        return sum(1 for op, _ in self.ops if op == "progress")
 
     def publish(self, channel: str, count: int) -> None:
         self.ops.append(("publish", (channel, count)))
 
-    def execute(self) -> None:
+    def execute(self, raise_on_error: bool = True) -> list[Any]:
         import redis
 
         if self.fail:
             raise redis.ConnectionError("down")
         self.sink.append(self.ops)
+        return [self.answer if op == "progress" else "1-0" for op, _ in self.ops]
+
+
+class FakeScript:
+    """A registered script: a call on a pipeline is recorded as ("progress", (keys, args))."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __call__(self, keys: list[str], args: list[Any], client: FakePipe) -> None:
+        client.ops.append((self.name, (keys, args)))
 
 
 class FakeClient:
-    def __init__(self) -> None:
+    def __init__(self, max_lines: int = 1000) -> None:
         self.batches: list[list[tuple[str, Any]]] = []
         self.fail = False
+        self.progress_answer = 1  # what progress.lua answers (-1: a stale token)
+        self.max_lines = max_lines  # the writer's output cap, checked on every XADD
 
     def pipeline(self, transaction: bool = True) -> FakePipe:
         assert transaction is False
-        return FakePipe(self.batches, self.fail)
+        return FakePipe(self.batches, self.fail, self.progress_answer, self.max_lines)
+
+    def register_script(self, source: str) -> FakeScript:
+        return FakeScript("progress" if "progress.lua" in source else "other")
 
 
 def writer(client: FakeClient, flush_ms: int = 10_000) -> LogWriter:

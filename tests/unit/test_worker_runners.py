@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 from typing import Any
 
@@ -16,8 +17,8 @@ from tests.support import wait_for
 from tests.unit.test_worker_output import FakeClient
 from worker.job import CANCELLED, JobRun
 from worker.output import LogWriter
-from worker.python import JobContext, run_python
-from worker.shell import run_shell
+from worker.python import JobContext, run_python, run_python_isolated
+from worker.shell import Limits, run_shell
 
 ALLOWED = ("common.tasks", "tests.unit.test_worker_runners")
 
@@ -232,3 +233,115 @@ def test_python_abort_wins() -> None:
     run.abort(CANCELLED)
     outcome = run_python(run, writer, allowed=ALLOWED, timeout_s=5, line_max_bytes=1024)
     assert outcome.state == "cancelled"
+
+
+# -- progress and usage -------------------------------------------------------------------
+
+
+def reports(client: FakeClient) -> list[tuple[str, str, str]]:
+    """(percent, stage, message) of each progress.lua call, in order."""
+    return [tuple(args[1:4]) for batch in client.batches
+            for op, (_keys, args) in batch if op == "progress"]
+
+
+def entries(client: FakeClient) -> list[str]:
+    """Lines and progress reports, in the order the flushes wrote them."""
+    return [f"progress {payload[1][1]}" if op == "progress" else payload[1]["l"]
+            for batch in client.batches for op, payload in batch if op in ("progress", "xadd")]
+
+
+def test_shell_progress_lines_are_reports_and_malformed_ones_stay_output() -> None:
+    script = ("echo '::tidal progress 10 fetch'; echo out; "
+              "echo '::tidal progress 60 build half way there'; "
+              "echo '::tidal progres 5'; echo '::tidal progress 101 x'; "
+              "echo '::tidal progress 40  two spaces'; echo '::tidal what'; "
+              "echo '::tidal progress 7' >&2; "
+              "printf '::tidal progress 100 done'")  # no newline at the end
+    outcome, client = shell(make_run(command=script))
+    assert outcome.state == "completed"
+    assert lines(client, "o") == ["out", "::tidal progres 5", "::tidal progress 101 x",
+                                  "::tidal progress 40  two spaces", "::tidal what"]
+    assert lines(client, "e") == ["::tidal progress 7"]  # only stdout reports progress
+    # the first report goes at once; the rest came within 0.1 s of it: a new stage goes at
+    # once, and the last report (held back by the rate limit) is written at the end
+    assert reports(client)[0] == ("10", "fetch", "")
+    assert reports(client)[-1] == ("100", "done", "")
+    assert ("60", "build", "half way there") in reports(client)
+    order = entries(client)
+    assert order.index("progress 10") < order.index("out") < order.index("progress 60")
+
+
+def test_shell_progress_past_the_output_budget_is_still_seen() -> None:
+    client = FakeClient(max_lines=10)
+    writer = LogWriter(client, Keys("{p}"), "j1", flush_ms=10_000, max_lines=10)
+    run = make_run(command="seq 1 1000; echo '::tidal progress 55 late'; seq 1 10")
+    outcome = run_shell(run, writer, timeout_s=10, kill_grace_s=0.5, line_max_bytes=1024)
+    writer.close()
+    assert outcome.state == "completed"
+    assert reports(client) == [("55", "late", "")]
+
+
+def reporting(ctx: JobContext, steps: int = 3) -> str:
+    for i in range(steps + 1):
+        ctx.progress(100 * i / steps, "work", f"step {i}")
+        ctx.log(f"did {i}")
+    return "ok"
+
+
+def bad_progress(ctx: JobContext) -> None:
+    ctx.progress(150)
+
+
+def test_python_ctx_progress_is_written_fenced_by_the_run_token() -> None:
+    outcome, client, run = py("tests.unit.test_worker_runners:reporting")
+    assert outcome.state == "completed"
+    got = [args for batch in client.batches for op, (_keys, args) in batch if op == "progress"]
+    assert got[0][:4] == [run.token, "0", "work", "step 0"]
+    assert got[-1][:4] == [run.token, "100", "work", "step 3"]  # the last one, at close
+    assert lines(client, "o") == ["did 0", "did 1", "did 2", "did 3"]
+
+
+def test_python_bad_progress_fails_the_job_with_a_clear_error() -> None:
+    outcome, _, _ = py("tests.unit.test_worker_runners:bad_progress")
+    assert (outcome.state, outcome.reason) == ("failed", "exception")
+    assert outcome.error == "ValueError: progress: percent must be from 0 to 100, not 150"
+
+
+def test_isolated_python_progress_arrives_as_reports() -> None:
+    client, writer = make_writer()
+    run = make_run(kind="python", function="tests.unit.test_worker_runners:reporting",
+                   kwargs={"steps": 200})
+    outcome = run_python_isolated(run, writer, allowed=ALLOWED,
+                                  limits=Limits(30, 0.5, 1024))
+    writer.close()
+    assert outcome.state == "completed", outcome
+    assert reports(client)[0] == ("0", "work", "step 0")
+    assert reports(client)[-1] == ("100", "work", "step 200")
+    assert len(reports(client)) < 50  # rate-limited in the child and in the worker
+    assert not any(line.startswith("::tidal") for line in lines(client))
+    assert len(lines(client, "o")) == 201
+
+
+def test_shell_usage_is_measured_for_the_whole_tree() -> None:
+    # a child python (under sh, so it is a grandchild of the worker) that touches 60 MB
+    # and burns CPU for 0.6 s
+    burn = ("import time; b = b'x' * (60 << 20); t = time.process_time()\n"
+            "while time.process_time() - t < 0.6: pass")
+    outcome, _ = shell(make_run(command=["sh", "-c", f'"{sys.executable}" -c "{burn}"; true']))
+    assert outcome.state == "completed"
+    usage = dict(outcome.usage)
+    assert set(usage) == {"peak_rss_kb", "cpu_s"}
+    assert 60 * 1024 <= int(usage["peak_rss_kb"]) < 2 * 1024 * 1024
+    assert 0.5 <= float(usage["cpu_s"]) < 30
+
+
+def test_a_one_millisecond_job_still_has_its_final_usage() -> None:
+    outcome, _ = shell(make_run(command=["true"]))
+    usage = dict(outcome.usage)
+    assert int(usage["peak_rss_kb"]) > 0 and float(usage["cpu_s"]) >= 0
+
+
+def test_reports_keep_their_place_among_lines_of_one_read() -> None:
+    outcome, client = shell(make_run(command="printf 'a\\n::tidal progress 1\\nb\\n'"))
+    assert outcome.state == "completed"
+    assert entries(client) == ["a", "progress 1", "b"]
