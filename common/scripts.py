@@ -231,7 +231,8 @@ def start(
     """entries: (dispatch entry id, job id)."""
     return Call(
         "start",
-        [keys.dispatch(queue), keys.events(), *(keys.job(job_id) for _, job_id in entries)],
+        [keys.dispatch(queue), keys.events(), keys.worker(worker),
+         *(keys.job(job_id) for _, job_id in entries)],
         [GROUP_WORKERS, events_maxlen, worker, *(entry for entry, _ in entries)],
     )
 

@@ -306,10 +306,11 @@ class Worker:
             for queue, entries in _by_queue(batch).items():
                 call = sc.start(self.keys, queue, entries, worker=self.id,
                                 events_maxlen=self.settings.events_maxlen)
+                sent_at = monotonic()
                 rows = self.scripts.run(call)
                 for (entry_id, _), row in zip(entries, rows, strict=True):
                     done.add(entry_id)
-                    self._launch(queue, entry_id, row)
+                    self._launch(queue, entry_id, row, sent_at)
         except redis.RedisError:
             left = [item for item in batch if item[1] not in done]
             self._unsure.update(entry_id for _, entry_id, _ in left)
@@ -333,7 +334,12 @@ class Worker:
         self._unsure.difference_update(entry_id for _, entry_id, _ in unsure)
         return [item for item in batch if item[1] not in started]
 
-    def _launch(self, queue: str, entry_id: str, row: list[Any]) -> None:
+    def _launch(self, queue: str, entry_id: str, row: list[Any],
+                sent_at: float = float("-inf")) -> None:
+        """Hand a job start.lua started to a runner. The row's 4th value is what was left
+        of this worker's lease when start.lua ran (sent at `sent_at`): the job is ours at
+        least until then, which counts as a heartbeat that confirmed it (`_still_ours`),
+        so a job starts without a heartbeat of its own."""
         job_id, attempt, spec_json = str(row[0]), int(row[1]), row[2]
         if attempt == 0:
             log.debug("dispatch entry skipped", job_id=job_id, entry=entry_id)
@@ -347,6 +353,9 @@ class Worker:
             self._finish(bad, sc.Outcome("failed", None, error=error, reason="invalid_spec"))
             return
         run = JobRun(job_id, queue, entry_id, attempt, spec)
+        lease_ms = int(row[3]) if len(row) > 3 else -1
+        if lease_ms > 0:  # as if a heartbeat had renewed the lease at its expiry − TTL
+            run.confirmed_at = sent_at + lease_ms / 1000 - self.settings.worker_ttl_s
         with self._slots:
             stale = self._running.get(job_id)
             self._running[job_id] = run
@@ -367,6 +376,7 @@ class Worker:
                     self.client, self.keys, run.job_id,
                     flush_ms=self.settings.log_flush_ms, max_lines=self.settings.log_max_lines,
                     max_bytes=self.options.log_max_bytes,
+                    events_maxlen=self.settings.events_maxlen,
                 )
                 outcome = self._execute(run, writer)
                 writer.close()
@@ -385,11 +395,12 @@ class Worker:
 
     def _still_ours(self, run: JobRun) -> bool:
         """Asked right before a job's process (or thread job) starts: True only while a
-        heartbeat sent less than half a TTL ago found the attempt still ours, so its lease
-        surely holds. A worker frozen (SIGSTOP, a VM pause) or cut off after start.lua may
-        have lost the attempt to the reaper meanwhile; it then beats first and learns so,
-        instead of starting a process another attempt may already run. One beat (under a
-        lock) confirms every job launched so far. While Redis does not answer, the job
+        heartbeat sent less than half a TTL ago found the attempt still ours (or start.lua
+        found the lease that long: `_launch`), so its lease surely holds. A worker frozen
+        (SIGSTOP, a VM pause) or cut off after start.lua may have lost the attempt to the
+        reaper meanwhile; it then beats first and learns so, instead of starting a process
+        another attempt may already run. One beat (under a lock) confirms every job
+        launched so far. While Redis does not answer, the job
         waits (at shutdown it is handed back). A freeze between this check and the fork
         is the window no lease can close (docs/reliability.md)."""
         half_ttl = self.settings.worker_ttl_s / 2

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -307,10 +308,12 @@ def test_heartbeat_registers_the_worker(settings: Settings, keys: Keys, r: redis
 def test_a_job_lost_before_it_started_is_never_started(
     settings: Settings, keys: Keys, r: redis.Redis, tmp_path: Any
 ) -> None:
-    """The attempt is given to someone else between start.lua and the spawn (as when the
-    worker froze there past its TTL): the lease check before the spawn finds out, and the
-    job's process never runs."""
+    """The worker stalls between start.lua and the spawn for more than half its TTL (as
+    when it froze there) and the attempt is given to someone else meanwhile: the lease
+    start.lua reported no longer covers the spawn, the lease check before it beats and
+    finds out, and the job's process never runs."""
     reassigned: list[str] = []
+    quick = settings.model_copy(update={"worker_ttl_s": 1.0, "heartbeat_s": 0.2})
 
     def prepare(worker: Worker) -> None:
         real = worker.scripts.run
@@ -319,6 +322,7 @@ def test_a_job_lost_before_it_started_is_never_started(
             out = real(call, pipe)
             if call.script == "start" and not reassigned:
                 job_id = call.keys[-1].rsplit(":", 1)[1]
+                time.sleep(quick.worker_ttl_s * 0.75)  # the stall (fault injection)
                 r.hset(keys.job(job_id), "dispatch_id", "1-1")  # another attempt's token
                 reassigned.append(job_id)
             return out
@@ -326,7 +330,7 @@ def test_a_job_lost_before_it_started_is_never_started(
         worker.scripts.run = reclaimed_meanwhile  # type: ignore[method-assign]
 
     marker = tmp_path / "ran"
-    with serving(settings, prepare) as worker:
+    with serving(quick, prepare) as worker:
         job = enqueue(r, keys, command=f"touch {marker}")
         wait_for(lambda: reassigned and not worker.running_ids(), what="the attempt dropped")
         other = enqueue(r, keys, command=["true"])
