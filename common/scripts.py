@@ -34,6 +34,7 @@ SCRIPT_NAMES = (
     "retry",
     "cron_advance",
     "progress",
+    "log_append",
 )
 
 
@@ -403,3 +404,14 @@ def progress(
          events_maxlen],
     )
 
+
+def log_append(
+    keys: Keys, job_id: str, lines: Sequence[Any], *, maxlen: int, publish: int = 0
+) -> Call:
+    """lines: flat (s, t, l, c) per line (c '1' or ''); `publish`: the count sent on the
+    job's log channel after the lines (0: none)."""
+    return Call(
+        "log_append",
+        [keys.log(job_id)],
+        [maxlen, keys.log_channel(job_id) if publish else "", publish, *lines],
+    )

@@ -26,12 +26,14 @@ flood like `yes` costs the worker little), then one system line says what was le
 lines follow]`. Lines dropped because Redis was unreachable for long are reported as
 `[N log lines dropped]`.
 
-One flush is ONE non-transactional pipeline: an XADD (MAXLEN ~ log_max_lines, plus the
-progress entries written, so progress never pushes output out) per line, a progress.lua
-call per progress report due, and one PUBLISH of the entry count on the job's log channel
-(`Keys.log_channel`), a wake-up hint for followers (pub/sub is at-most-once, the stream is
-the record: RELIABILITY.md finding 7). Progress reports are rate-limited
-(worker/calls.py `ProgressThrottle`) and some of them are also events (`progress_event`).
+One flush is ONE round trip (a pipeline of EVALSHAs): log_append.lua appends the lines
+(XADD MAXLEN ~ log_max_lines, plus the progress entries written, so progress never pushes
+output out; one script call per run of lines, not one command per line) and PUBLISHes the
+entry count on the job's log channel (`Keys.log_channel`), a wake-up hint for followers
+(pub/sub is at-most-once, the stream is the record: RELIABILITY.md finding 7); each
+progress report due is a progress.lua call in its place among the lines. Progress reports
+are rate-limited (worker/calls.py `ProgressThrottle`) and some of them are also events
+(`progress_event`).
 """
 
 from __future__ import annotations
@@ -231,6 +233,7 @@ class LogWriter:
         on_pending: Callable[[], None] | None = None,
         token: str | None = None,
         events_maxlen: int = DEFAULT_EVENTS_MAXLEN,
+        scripts: sc.Scripts | None = None,
     ) -> None:
         self.client = client
         self.keys = keys
@@ -258,7 +261,7 @@ class LogWriter:
         self._throttle = ProgressThrottle()
         self._events = ProgressEvents()
         self._progress_off = False
-        self._scripts: sc.Scripts | None = None
+        self._scripts: sc.Scripts | None = scripts  # the worker's; else made on first use
 
     # -- progress ---------------------------------------------------------------------
 
@@ -418,36 +421,34 @@ class LogWriter:
             self._first_at = None
 
     def _send(self, batch: list[Item]) -> None:
-        pipe = self.client.pipeline(transaction=False)
-        key, maxlen = self.key, self.max_lines + self.progress_written
-        reports: list[int] = []  # where the progress calls are in the pipeline
-        for n, (stream, at, text, continued) in enumerate(batch):
+        """ONE round trip: the lines as log_append.lua calls (one per run of lines between
+        progress reports, so the order holds), the reports as progress.lua calls."""
+        calls: list[sc.Call] = []
+        reports: list[int] = []  # where the progress calls are among the calls
+        maxlen = self.max_lines + self.progress_written
+        lines: list[Any] = []
+        for stream, at, text, continued in batch:
             if stream == "p":
+                if lines:
+                    calls.append(sc.log_append(self.keys, self.job_id, lines, maxlen=maxlen))
+                    lines = []
                 maxlen += 1
-                reports.append(n)
-                self._run(self._progress_call(text, maxlen), pipe)
+                reports.append(len(calls))
+                calls.append(self._progress_call(text, maxlen))
                 continue
-            fields: dict[str, str | int] = {"s": stream, "t": at, "l": text}
-            if continued:
-                fields["c"] = "1"
-            pipe.xadd(key, fields, maxlen=maxlen, approximate=True)
-        pipe.publish(self.channel, len(batch))
-        if not reports:
-            pipe.execute()
-            return
+            lines += (stream, at, text, "1" if continued else "")
+        calls.append(sc.log_append(self.keys, self.job_id, lines, maxlen=maxlen,
+                                   publish=len(batch)))
+        if self._scripts is None:
+            self._scripts = sc.Scripts(self.client)
         # a refused progress write must not fail (and so resend) the lines around it
-        results = pipe.execute(raise_on_error=False)
-        for n, result in enumerate(results[:-1]):
+        results = self._scripts.run_many(calls, raise_errors=False)
+        for n, result in enumerate(results):
             if n not in reports and isinstance(result, Exception):
                 raise result
         self.progress_written += len(reports)
         for n in reports:
             self._progress_result(results[n])
-
-    def _run(self, call: sc.Call, pipe: Any) -> None:
-        if self._scripts is None:
-            self._scripts = sc.Scripts(self.client)
-        self._scripts.run(call, pipe)
 
     def _progress_call(self, item: ProgressItem, log_maxlen: int) -> sc.Call:
         report = item.report

@@ -376,7 +376,7 @@ class Worker:
                     self.client, self.keys, run.job_id,
                     flush_ms=self.settings.log_flush_ms, max_lines=self.settings.log_max_lines,
                     max_bytes=self.options.log_max_bytes,
-                    events_maxlen=self.settings.events_maxlen,
+                    events_maxlen=self.settings.events_maxlen, scripts=self.scripts,
                 )
                 outcome = self._execute(run, writer)
                 writer.close()

@@ -98,9 +98,32 @@ def test_allow_list(module: str, allowed: list[str], ok: bool) -> None:
 
 
 class FakePipe:
+    """A pipeline that understands the writer's two scripts: a log_append.lua call is
+    recorded as the XADDs and the PUBLISH it runs, a progress.lua call as ("progress",
+    (keys, args)); `execute` answers one reply per script call."""
+
     def __init__(self, sink: list[list[tuple[str, Any]]], fail: bool, answer: int,
                  cap: int) -> None:
         self.sink, self.fail, self.answer, self.cap, self.ops = sink, fail, answer, cap, []
+        self.replies: list[Any] = []
+
+    def evalsha(self, sha: str, numkeys: int, *rest: Any) -> None:
+        keys, args = list(rest[:numkeys]), list(rest[numkeys:])
+        if sha == "progress":
+            self.ops.append(("progress", (keys, args)))
+            self.replies.append(self.answer)
+            return
+        assert sha == "log_append"
+        maxlen, channel, count, lines = int(args[0]), args[1], args[2], args[3:]
+        for i in range(0, len(lines), 4):
+            stream, at, text, continued = lines[i:i + 4]
+            fields: dict[str, Any] = {"s": stream, "t": at, "l": text}
+            if continued == "1":
+                fields["c"] = "1"
+            self.xadd(keys[0], fields, maxlen=maxlen, approximate=True)
+        if channel:
+            self.publish(channel, count)
+        self.replies.append(len(lines) // 4)
 
     def xadd(self, key: str, fields: dict[str, Any], maxlen: int, approximate: bool) -> None:
         # the output cap, plus one per progress entry written (they never push output out)
@@ -120,17 +143,14 @@ class FakePipe:
         if self.fail:
             raise redis.ConnectionError("down")
         self.sink.append(self.ops)
-        return [self.answer if op == "progress" else "1-0" for op, _ in self.ops]
+        return self.replies
 
 
 class FakeScript:
-    """A registered script: a call on a pipeline is recorded as ("progress", (keys, args))."""
+    """A registered script, known by its name (its `sha` here)."""
 
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def __call__(self, keys: list[str], args: list[Any], client: FakePipe) -> None:
-        client.ops.append((self.name, (keys, args)))
+    def __init__(self, name: str, source: str) -> None:
+        self.sha, self.script = name, source
 
 
 class FakeClient:
@@ -145,7 +165,10 @@ class FakeClient:
         return FakePipe(self.batches, self.fail, self.progress_answer, self.max_lines)
 
     def register_script(self, source: str) -> FakeScript:
-        return FakeScript("progress" if "progress.lua" in source else "other")
+        for name in ("progress", "log_append"):
+            if f"-- {name}.lua:" in source:
+                return FakeScript(name, source)
+        return FakeScript("other", source)
 
 
 def writer(client: FakeClient, flush_ms: int = 10_000) -> LogWriter:
