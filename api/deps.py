@@ -1,6 +1,10 @@
 """FastAPI dependencies as `Annotated` aliases. Everything comes from `app.state`, set up
 by `api.app.create_app` (settings) and its lifespan (clients), so a test builds an app
-with its own Settings and gets its own clients."""
+with its own Settings and gets its own clients.
+
+Every dependency here is `async def` although none awaits anything: FastAPI runs a plain
+`def` dependency in the thread pool, a thread hop (two wake-ups) per request for what is
+an attribute read (docs/performance.md, "API")."""
 
 from __future__ import annotations
 
@@ -33,12 +37,12 @@ class AppState:
     stopping: threading.Event = field(default_factory=threading.Event)
 
 
-def get_state(request: Request) -> AppState:
+async def get_state(request: Request) -> AppState:
     state: AppState = request.app.state.tidal
     return state
 
 
-def get_app_settings(request: Request) -> Settings:
+async def get_app_settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
@@ -47,19 +51,19 @@ StateDep = Annotated[AppState, Depends(get_state)]
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 
 
-def get_redis(state: StateDep) -> aredis.Redis:
+async def get_redis(state: StateDep) -> aredis.Redis:
     return state.redis
 
 
-def get_scripts(state: StateDep) -> Scripts:
+async def get_scripts(state: StateDep) -> Scripts:
     return state.scripts
 
 
-def get_keys(state: StateDep) -> Keys:
+async def get_keys(state: StateDep) -> Keys:
     return state.keys
 
 
-def get_engine(state: StateDep) -> Engine:
+async def get_engine(state: StateDep) -> Engine:
     return state.engine
 
 
@@ -85,7 +89,7 @@ async def get_principal(
 PrincipalDep = Annotated[Principal, Depends(get_principal)]
 
 
-def get_admin(principal: PrincipalDep) -> Principal:
+async def get_admin(principal: PrincipalDep) -> Principal:
     principal.require_admin()
     return principal
 

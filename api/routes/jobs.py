@@ -7,25 +7,32 @@ the SQL mirror (written by the recorder, up to about a second behind Redis).
 from __future__ import annotations
 
 import math
+import os
 import re
+import time
 from dataclasses import dataclass
+from datetime import datetime
+from functools import cache, lru_cache
 from typing import Annotated, Any
 
+import orjson
 import structlog
 from fastapi import APIRouter, Query, Request, Response
+from pydantic import TypeAdapter
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 from starlette.concurrency import run_in_threadpool
 
 from api.auth import Principal
-from api.body import SUBMIT_OPENAPI, read_submissions
+from api.body import SUBMISSIONS, SUBMIT_OPENAPI, read_submissions
 from api.deps import AppState, PrincipalDep, StateDep
-from api.validate import check_submissions
+from api.validate import SUBMIT_CALL_JOBS, check_submissions, over_active, over_queue
 from api.waits import wait_detail
 from api.watch import job_watch
 from common import scripts as sc
+from common.clock import ms_to_iso
 from common.errors import Conflict, JobNotFound, LimitExceeded
-from common.jobs import hash_from_record, job_from_hash, new_job_id, submission_fields
+from common.jobs import hash_from_record, job_from_hash, submission_fields
 from common.models import ErrorResponse, Job, JobBatch, JobPage, JobSubmission, State
 from common.tables import JobRecord
 
@@ -71,65 +78,154 @@ async def visible_job(ctx: AppState, principal: Principal, job_id: str) -> Job:
 
 
 # -- submitting -----------------------------------------------------------------------------
+#
+# POST /jobs costs one Redis round trip: submit.lua in batch mode takes up to
+# SUBMIT_CALL_JOBS jobs per call, checks the limits for all of them and writes them (the
+# answer is sent only once Redis has replied). The answer's documents are built from the
+# validated submissions, not read back: they are what GET /jobs/{id} shows for a job that
+# is still pending (tests/integration/test_api_submit_path.py holds them to that).
+
+# how long an idempotency key maps to its job (as common.scripts.submit's default)
+IDEMPOTENCY_TTL_S = 86400
+_CROCKFORD = "0123456789abcdefghjkmnpqrstvwxyz"
+_PAIRS = [a + b for a in _CROCKFORD for b in _CROCKFORD]  # 10 bits → two characters
+_RANDOM_SPAN = 1 << 80
 
 
-def _accepted(job_id: str, owner: str, created: Any, fields: dict[str, Any]) -> Job:
-    h = {name: str(value) for name, value in fields.items()}
-    h.update(id=job_id, state="pending", owner=owner, created_at=str(created), attempt="0")
-    return job_from_hash(h)
+def _base32(value: int, pairs: int) -> str:
+    """`value` as 2 × `pairs` Crockford base32 characters (10 bits per pair)."""
+    return "".join(_PAIRS[(value >> shift) & 1023] for shift in range(10 * pairs - 10, -1, -10))
 
 
-async def _read_existing(ctx: AppState, ids: list[str]) -> dict[str, Job]:
+class JobIds:
+    """Job ids in the form of common.jobs.new_job_id (a ULID: 48 bits of milliseconds, 80
+    random bits, 26 lower-case characters), made many at a time: consecutive ids share
+    all but their last four characters, which come from a table. Monotonic within the
+    process, as python-ulid's generator is: within one millisecond (or if the clock steps
+    back) the random part counts on from the last id."""
+
+    def __init__(self) -> None:
+        self._ms = -1
+        self._last = 0
+
+    def take(self, n: int) -> list[str]:
+        ms = time.time_ns() // 1_000_000
+        if ms <= self._ms and self._last + n < _RANDOM_SPAN:
+            ms, first = self._ms, self._last + 1
+        else:
+            ms = max(ms, self._ms + 1)
+            first = int.from_bytes(os.urandom(10)) >> 1  # room to count on from it
+        self._ms, self._last = ms, first + n - 1
+        stamp = _base32(ms, 5)  # 50 bits: the first two are zero
+        ids: list[str] = []
+        high, head = -1, ""
+        for value in range(first, first + n):
+            if value >> 20 != high:  # the first 22 characters change once in 2**20 ids
+                high = value >> 20
+                head = stamp + _base32(high, 6)
+            ids.append(head + _PAIRS[(value >> 10) & 1023] + _PAIRS[value & 1023])
+        return ids
+
+
+job_ids = JobIds()
+
+
+@cache
+def _pending_document() -> tuple[dict[str, Any], frozenset[str]]:
+    """(the document of a just-accepted job whose submission is all defaults, the
+    submission fields the document does not show), from job_from_hash itself."""
+    doc = job_from_hash({"id": "", "state": "pending", "owner": "", "created_at": "0",
+                         "attempt": "0"}).model_dump(mode="json")
+    return doc, frozenset(JobSubmission.model_fields) - set(doc)
+
+
+_DATETIME: TypeAdapter[datetime] = TypeAdapter(datetime)
+
+
+@lru_cache(maxsize=64)
+def _created_at(ms: int) -> Any:
+    """created_at as the document shows it (pydantic's datetime text, as for GET)."""
+    return _DATETIME.dump_python(_DATETIME.validate_python(ms_to_iso(ms)), mode="json")
+
+
+def _submit_call(ctx: AppState, owner: str, part: list[tuple[str, JobSubmission,
+                                                              dict[str, Any]]]) -> sc.Call:
+    """submit.lua in batch mode for the jobs of `part`: (id, submission, hash fields)."""
+    k, s = ctx.keys, ctx.settings
+    keys = [k.submissions(), k.events(), k.user(owner), k.seq()]
+    args: list[Any] = ["*", s.events_maxlen, owner, s.max_active_per_user, s.max_queue_size]
+    for job_id, sub, fields in part:
+        job = k.job(job_id)
+        idem = sub.idempotency_key
+        keys += (job, k.idem(owner, idem) if idem else job, k.queue(sub.queue))
+        args += (job_id, IDEMPOTENCY_TTL_S if idem else 0, 2 * len(fields))
+        for item in fields.items():
+            args += item
+    return sc.Call("submit", keys, args)
+
+
+async def _read_existing(ctx: AppState, ids: list[str]) -> dict[str, dict[str, Any]]:
     pipe = ctx.redis.pipeline(transaction=False)
     for job_id in ids:
         pipe.hgetall(ctx.keys.job(job_id))
-    found: dict[str, Job] = {}
+    found: dict[str, dict[str, Any]] = {}
     for job_id, h in zip(ids, await pipe.execute(), strict=True):
         job = job_from_hash(h) if h.get("state") else await read_job(ctx, job_id)
         if job is None:
             raise Conflict(f"the idempotency key points at job {job_id}, which no longer exists")
-        found[job_id] = job
+        found[job_id] = job.model_dump(mode="json")
     return found
 
 
-def _refused(replies: list[Any], planned: list[tuple[str, Any]]) -> None:
-    """A limit submit.lua enforced (a race past the pre-check): 429 naming it, with the
-    ids of the jobs of this request that were accepted all the same."""
-    refused = [r for r in replies if int(r[0]) < 0]
-    if not refused:
-        return
-    accepted = [job_id for (job_id, _), r in zip(planned, replies, strict=True) if int(r[0]) >= 0]
-    code, count = int(refused[0][0]), int(refused[0][1])
-    limit = "max_active_per_user" if code == -4 else "max_queue_size"
-    raise LimitExceeded(f"{limit}: over the limit ({count} now)",
-                        {"limit": limit, "count": count, "accepted": accepted})
+def _refused(ctx: AppState, owner: str, reply: list[Any], part: list[JobSubmission],
+             accepted: list[str]) -> LimitExceeded:
+    """The 429 for a call submit.lua refused whole: it names the limit and the count, and
+    lists the jobs of the request accepted by earlier calls (a batch of more than one call
+    whose later part lost a race; otherwise none)."""
+    if int(reply[0]) == -4:
+        exc = over_active(ctx.settings, owner, int(reply[1]))
+    else:
+        exc = over_queue(ctx.settings, part[int(reply[2]) - 1].queue, int(reply[1]))
+    exc.details = {**exc.details, "accepted": accepted}
+    return exc
+
+
+async def submit_documents(ctx: AppState, owner: str, subs: list[JobSubmission]
+                           ) -> list[dict[str, Any]]:
+    """Write the jobs (one submit.lua call per SUBMIT_CALL_JOBS of them) and answer their
+    documents in request order, once Redis has replied."""
+    s = ctx.settings
+    ids = job_ids.take(len(subs))
+    fields = [submission_fields(sub, s.stale_after_s) for sub in subs]
+    replies: list[Any] = []
+    for start in range(0, len(subs), SUBMIT_CALL_JOBS):
+        end = min(start + SUBMIT_CALL_JOBS, len(subs))
+        part = [(ids[i], subs[i], fields[i]) for i in range(start, end)]
+        reply = await ctx.scripts.run(_submit_call(ctx, owner, part))
+        if int(reply[0]) < 0:
+            accepted = [ids[i // 3] for i in range(0, len(replies), 3) if int(replies[i]) == 1]
+            raise _refused(ctx, owner, reply, subs[start:end], accepted)
+        replies += reply[1:]
+    existing = [str(replies[i + 1]) for i in range(0, len(replies), 3) if int(replies[i]) != 1]
+    deduped = await _read_existing(ctx, existing) if existing else {}
+    pending, hidden = _pending_document()
+    specs = SUBMISSIONS.dump_python(subs, mode="json", exclude={"__all__": hidden})
+    docs = []
+    for i, spec in enumerate(specs):
+        status, rid, created = replies[3 * i:3 * i + 3]
+        if int(status) == 1:
+            docs.append({**pending, **spec, "id": ids[i], "owner": owner,
+                         "created_at": _created_at(int(created))})
+        else:
+            docs.append(deduped[str(rid)])
+    log.info("jobs_submitted", owner=owner, count=len(docs), deduplicated=len(existing),
+             job_id=ids[0] if len(docs) == 1 else None)
+    return docs
 
 
 async def submit_all(ctx: AppState, owner: str, subs: list[JobSubmission]) -> list[Job]:
-    """Write every job in one non-transactional pipeline; answer once Redis replied."""
-    s = ctx.settings
-    pipe = ctx.redis.pipeline(transaction=False)
-    planned: list[tuple[str, dict[str, Any]]] = []
-    for sub in subs:
-        job_id, fields = new_job_id(), submission_fields(sub, s.stale_after_s)
-        call = sc.submit(
-            ctx.keys, job_id, owner, fields, events_maxlen=s.events_maxlen,
-            idempotency_key=sub.idempotency_key, max_active=s.max_active_per_user,
-            max_queue=s.max_queue_size,
-        )
-        await ctx.scripts.run(call, pipe)  # queues the EVALSHA on the pipeline
-        planned.append((job_id, fields))
-    replies = await pipe.execute()
-    _refused(replies, planned)
-    existing = [str(rid) for accepted, rid, _ in replies if int(accepted) != 1]
-    deduped = await _read_existing(ctx, existing) if existing else {}
-    jobs = [
-        _accepted(job_id, owner, created, fields) if int(accepted) == 1 else deduped[str(rid)]
-        for (job_id, fields), (accepted, rid, created) in zip(planned, replies, strict=True)
-    ]
-    log.info("jobs_submitted", owner=owner, count=len(jobs), deduplicated=len(existing),
-             job_id=jobs[0].id if len(jobs) == 1 else None)
-    return jobs
+    """submit_documents, as Job models (for callers that want them: the WebSocket)."""
+    return [Job.model_validate(doc) for doc in await submit_documents(ctx, owner, subs)]
 
 
 @router.post(
@@ -138,15 +234,17 @@ async def submit_all(ctx: AppState, owner: str, subs: list[JobSubmission]) -> li
     response_model=Job | JobBatch,
     summary="Submit one job, or a batch (a JSON array)",
     openapi_extra=SUBMIT_OPENAPI,
-    responses=error_docs(401, 409, 413, 415, 422, 503),
+    responses=error_docs(401, 409, 413, 415, 422, 429, 503),
 )
-async def submit_jobs(request: Request, ctx: StateDep, principal: PrincipalDep) -> Job | JobBatch:
+async def submit_jobs(request: Request, ctx: StateDep, principal: PrincipalDep) -> Response:
     subs, batch = await read_submissions(
         request, max_bytes=ctx.settings.max_body_bytes, max_batch=ctx.settings.max_batch
     )
     await check_submissions(ctx, principal, subs, batch)
-    jobs = await submit_all(ctx, principal.user, subs)
-    return JobBatch(jobs=jobs) if batch else jobs[0]
+    docs = await submit_documents(ctx, principal.user, subs)
+    # the documents are plain JSON values already: no response-model validation round
+    return Response(orjson.dumps({"jobs": docs} if batch else docs[0]), status_code=202,
+                    media_type="application/json")
 
 
 # -- listing --------------------------------------------------------------------------------
@@ -235,7 +333,6 @@ def poll_after_ms(polls: int) -> int:
 async def get_job(
     job_id: str,
     request: Request,
-    response: Response,
     ctx: StateDep,
     principal: PrincipalDep,
     wait: Annotated[float, Query(ge=0, le=MAX_WAIT_S, description=(
@@ -244,7 +341,7 @@ async def get_job(
     polls: Annotated[int, Query(ge=0, le=1_000_000, description=(
         "how many times the client asked before; poll_after_ms grows with it"
     ))] = 0,
-) -> Job:
+) -> Response:
     # the seq before the document: a transition between the two reads then ends the wait
     seq = await ctx.redis.hget(ctx.keys.job(job_id), "seq") if wait and _JOB_ID.match(job_id) \
         else None
@@ -252,12 +349,14 @@ async def get_job(
     if seq is not None and not job.state.terminal:
         if await job_watch(request.app.state, ctx).changed(job_id, seq, wait):
             job = await visible_job(ctx, principal, job_id)
+    # a Response of the model's own JSON: FastAPI would validate the Job again first
     if job.state.terminal:
-        return job
+        return Response(job.model_dump_json(), media_type="application/json")
     detail = await wait_detail(ctx, job)
     after = poll_after_ms(polls)
-    response.headers["Retry-After"] = str(math.ceil(after / 1000))
-    return job.model_copy(update={"wait_detail": detail, "poll_after_ms": after})
+    job = job.model_copy(update={"wait_detail": detail, "poll_after_ms": after})
+    return Response(job.model_dump_json(), media_type="application/json",
+                    headers={"Retry-After": str(math.ceil(after / 1000))})
 
 
 async def _cancel(ctx: AppState, principal: Principal, job_id: str) -> Any:
