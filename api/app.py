@@ -15,6 +15,7 @@ from typing import Any
 import hiredis
 import structlog
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 from redis.asyncio.connection import ConnectionPool
 from redis.connection import HiredisRespSerializer
 from redis.utils import HIREDIS_AVAILABLE
@@ -174,7 +175,9 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
-    app = FastAPI(
+    # FastAPIOffline: the same FastAPI app, with /docs served from the package's copy of
+    # Swagger UI instead of a CDN (a dashboard machine or a build farm may be offline)
+    app = FastAPIOffline(
         title="Tidal",
         version=package_version(),
         description="A distributed job runner on Redis streams. Every error is "
@@ -183,6 +186,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         docs_url="/docs",
         openapi_url="/openapi.json",
         redoc_url=None,
+        static_url="/docs-assets",
     )
     app.state.settings = settings or get_settings()
     app.state.stopping = threading.Event()  # set by api.main on SIGTERM/SIGINT

@@ -88,3 +88,18 @@ def test_serves_follows_and_stops_on_sigterm(
     assert any(e.get("event") == "request" and e.get("status") == 202 for e in events)
     assert events[-1]["event"] == "api_stopped"  # the lifespan closed its clients
     assert "Traceback" not in log
+
+
+def test_docs_page_and_its_assets_are_served_without_a_cdn(
+    server: tuple[str, subprocess.Popen[bytes]],
+) -> None:
+    """/docs works on a machine without internet: Swagger UI comes from this server."""
+    url, _ = server
+    page = httpx.get(f"{url}/docs", timeout=10)
+    assert page.status_code == 200
+    assert "cdn." not in page.text and "://" not in page.text.replace(url, "")
+    for asset in ("/docs-assets/swagger-ui-bundle.js", "/docs-assets/swagger-ui.css"):
+        assert asset in page.text
+        got = httpx.get(f"{url}{asset}", timeout=10)
+        assert got.status_code == 200 and len(got.content) > 10_000
+    assert httpx.get(f"{url}/openapi.json", timeout=10).json()["info"]["title"] == "Tidal"
