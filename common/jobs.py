@@ -70,11 +70,15 @@ def progress_of(h: dict[str, str]) -> Progress | None:
 
 
 def durations(h: dict[str, str], spec: dict[str, Any]) -> tuple[int | None, int | None]:
-    """(wait_ms, run_ms): started − the later of created and scheduled_at (once started),
-    finished − started (once finished). A retried job counts to its last start."""
+    """(wait_ms, run_ms): started − when the job could first run, the latest of created,
+    scheduled_at and due_at (when a delayed start or a retry's back-off came due:
+    promote_due.lua), once started; finished − started, once finished. Both of the last
+    attempt. A mirror row brings its stored figures (the recorder computes them here too)."""
+    if h.get("wait_ms") or h.get("run_ms"):
+        return _int(h.get("wait_ms")), _int(h.get("run_ms"))
     created, started, finished = (_int(h.get(name)) for name in
                                   ("created_at", "started_at", "finished_at"))
-    scheduled = _int(h.get("scheduled_at"))
+    scheduled = max(_int(h.get("scheduled_at")) or 0, _int(h.get("due_at")) or 0) or None
     if scheduled is None and isinstance(spec.get("scheduled_at"), str):  # a mirror's row
         try:
             scheduled = iso_to_ms(datetime.fromisoformat(spec["scheduled_at"]))
@@ -129,7 +133,7 @@ def hash_from_record(rec: Any) -> dict[str, str]:
     for name in (
         "id", "state", "owner", "kind", "queue", "priority", "host", "attempt", "worker",
         "wait_reason", "created_at", "started_at", "finished_at", "exit_code", "result",
-        "error", "reason", "spec", "peak_rss_kb", "cpu_s",
+        "error", "reason", "spec", "peak_rss_kb", "cpu_s", "wait_ms", "run_ms",
     ):
         value = getattr(rec, name, None)  # usage columns: only in mirrors that have them
         if value is not None:

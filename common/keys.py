@@ -134,3 +134,13 @@ class Keys:
     def control_channel_prefix(self) -> str:
         """Prefix that Lua appends a worker id to (channels are not keys)."""
         return f"{self.prefix}:control:"
+
+    # -- scheduler figures ------------------------------------------------------------
+    def schedulers(self) -> str:
+        """zset: scheduler ids by when they last reported their loop figures (ms)."""
+        return f"{self.prefix}:schedulers"
+
+    def scheduler_loop(self, scheduler_id: str) -> str:
+        """string (short TTL, so a dead scheduler's lapses): JSON figures of the scheduler's
+        loop passes, a histogram of their durations (GET /metrics)."""
+        return f"{self.prefix}:sched:{scheduler_id}"

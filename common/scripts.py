@@ -350,12 +350,41 @@ def grant(
     )
 
 
-def settle(keys: Keys, entry_id: str, job_id: str, owner: str) -> Call:
-    return Call(
-        "settle",
-        [keys.settle(), keys.user(owner), keys.deps(job_id), keys.dependents(job_id)],
-        [GROUP_SCHEDULERS, entry_id],
-    )
+@dataclass(slots=True)
+class Settlement:
+    """A settle entry (a job that ended) and what its caller read for it: the waiter it
+    proposes for the job's host ('' none), and the dependents to tell, each as
+    (job id, queue, host); None when not read yet (settle.lua asks when there are any)."""
+
+    entry_id: str
+    job_id: str
+    state: str
+    owner: str
+    host: str = ""
+    waiter: str = ""
+    waiter_queue: str = "default"
+    dependents: list[tuple[str, str, str | None]] | None = None
+
+
+def settle(
+    keys: Keys, entries: Sequence[Settlement], *, events_maxlen: int, priority_step_ms: int,
+    by: str,
+) -> Call:
+    """Settle a batch of entries in one call (settle.lua); it returns those left to do."""
+    ks = [keys.settle(), keys.events(), keys.delayed(), keys.hosts(), keys.stale()]
+    args: list[Any] = [GROUP_SCHEDULERS, events_maxlen, priority_step_ms, by]
+    for e in entries:
+        ks += [keys.user(e.owner), keys.deps(e.job_id), keys.dependents(e.job_id)]
+        if e.host:
+            ks += [keys.host(e.host), keys.hostwait(e.host)]
+            if e.waiter:
+                ks += [keys.job(e.waiter), keys.queue(e.waiter_queue)]
+        for dep, queue, host in e.dependents or ():
+            job = keys.job(dep)
+            ks += [job, keys.deps(dep), keys.queue(queue), *_host_keys(keys, host, job)]
+        args += [e.entry_id, e.job_id, e.state, e.host, e.waiter if e.host else "",
+                 -1 if e.dependents is None else len(e.dependents)]
+    return Call("settle", ks, args)
 
 
 def expire(

@@ -29,6 +29,11 @@ class JobRecord(SQLModel, table=True):
     reason: str | None = None
     spec: str = "{}"  # the submission, JSON text
     seq: int = 0  # sequence number of the last event applied
+    # added after the first release: nullable, so common/db.py can add them to an old table
+    wait_ms: int | None = None  # started − max(created, scheduled_at, due_at): last attempt
+    run_ms: int | None = None  # finished − started
+    peak_rss_kb: int | None = None  # shell jobs: peak RSS of the process tree (worker)
+    cpu_s: float | None = None  # shell jobs: CPU seconds of the process tree (worker)
 
 
 class EventRecord(SQLModel, table=True):

@@ -5,7 +5,9 @@ schedulers can run side by side and one killed at any instant leaves nothing hal
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import orjson
 import redis
@@ -16,7 +18,7 @@ from common.keys import GROUP_SCHEDULERS, GROUP_WORKERS
 from common.logging import get_logger
 from common.models import JobSubmission
 from common.streams import ensure_group
-from scheduler.context import Context
+from scheduler.context import Batch, Context
 
 log = get_logger("scheduler")
 
@@ -37,6 +39,7 @@ class Duties:
     cluster: Cluster = field(default_factory=Cluster)
     queue_names: list[str] = field(default_factory=list)
     queues_refreshed_at: float = -1e9
+    fresh_queues: set[str] = field(default_factory=set)  # seen in submissions, maybe not read
 
     def ensure_groups(self) -> None:
         ensure_group(self.ctx.client, self.ctx.keys.submissions(), GROUP_SCHEDULERS)
@@ -63,6 +66,17 @@ class Duties:
         return self._admit_entries(items)
 
     def _admit_entries(self, items: list[Entry]) -> int:
+        plain, with_deps = self.plan_admit(items)
+        admitted = 0
+        if plain:
+            admitted += int(self.ctx.scripts.run(plain))
+        if with_deps:
+            admitted += self.admit_with_deps(with_deps)
+        return admitted
+
+    def plan_admit(self, items: list[Entry]) -> tuple[sc.Call | None, list[sc.Admission]]:
+        """The admit.lua call for the entries without dependencies (None if there are
+        none), and the entries with dependencies (admitted by `admit_with_deps`)."""
         plain: list[sc.Admission] = []
         with_deps: list[sc.Admission] = []
         for entry_id, f in items:
@@ -70,26 +84,28 @@ class Duties:
                 continue
             a = sc.Admission(entry_id, f["id"], f.get("q") or "default", f.get("h") or None)
             (with_deps if f.get("d", "0") != "0" else plain).append(a)
-        admitted = 0
-        if plain:
-            admitted += int(self.ctx.scripts.run(sc.admit(
-                self.ctx.keys, plain, events_maxlen=self.ctx.maxlen,
-                priority_step_ms=self.ctx.step_ms, by=self.ctx.me,
-            )))
-        if with_deps:
-            admitted += self._admit_with_deps(with_deps)
-        return admitted
+        # a new queue is dispatched from in this very pass (the queue-names set, which
+        # admit.lua adds it to, is read only once a second)
+        new = {a.queue for a in (*plain, *with_deps)} - set(self.queue_names)
+        if new:
+            self.fresh_queues |= new
+            self.queue_names = sorted({*self.queue_names, *new})
+        if not plain:
+            return None, with_deps
+        return sc.admit(self.ctx.keys, plain, events_maxlen=self.ctx.maxlen,
+                        priority_step_ms=self.ctx.step_ms, by=self.ctx.me), with_deps
 
-    def _admit_with_deps(self, entries: list[sc.Admission]) -> int:
+    def admit_with_deps(self, entries: list[sc.Admission]) -> int:
         c = self.ctx
         specs = c.job_fields([a.job_id for a in entries], "spec")
-        pipe = c.client.pipeline(transaction=False)
+        calls = []
         for a, (spec,) in zip(entries, specs, strict=True):
             sub = JobSubmission.model_validate(orjson.loads(spec or '{"command": "true"}'))
             deps = [(d.id, d.on) for d in sub.dependencies()]
-            c.scripts.run(sc.depend(c.keys, a, deps, events_maxlen=c.maxlen,
-                                    priority_step_ms=c.step_ms, by=c.me), pipe)
-        return sum(1 for r in pipe.execute() if r != "skipped")
+            calls.append(sc.depend(c.keys, a, deps, events_maxlen=c.maxlen,
+                                   priority_step_ms=c.step_ms, by=c.me))
+        got = c.execute(lambda batch: [batch.script(call) for call in calls])
+        return sum(1 for r in got if r != "skipped")
 
     # -- delayed ------------------------------------------------------------------
     def promote_due(self) -> int:
@@ -105,29 +121,58 @@ class Duties:
     # -- dispatch -----------------------------------------------------------------
     def dispatch_all(self) -> int:
         """For every queue with live capacity, hand out its best jobs up to the free slots."""
+        return self.dispatch_after(())[0]
+
+    def dispatch_after(
+        self, before: Sequence[sc.Call], then: Callable[[Batch], object] | None = None,
+    ) -> tuple[int, list[Any], Any]:
+        """For every queue with live capacity, hand out its best jobs up to the free slots:
+        one round trip reads every queue's jobs in flight and best candidates (after the
+        script calls `before`), one more sends the dispatch calls of the queues with free
+        slots. dispatch.lua counts the free slots again itself, so the dispatch stream never
+        holds more than the free slots. `then` queues one more command on the last round
+        trip (the loop's next read). Returns (jobs dispatched, the answers of `before`, the
+        answer of `then`)."""
+        c = self.ctx
         self._refresh_cluster()
         self.refresh_queue_names()
-        sent = 0
-        for queue in self.queue_names:
-            capacity = self.cluster.by_queue.get(queue)
-            if capacity and capacity.slots > 0:
-                sent += self._dispatch_queue(queue, capacity)
-        return sent
+        queues = [(q, cap) for q in self.queue_names
+                  if (cap := self.cluster.by_queue.get(q)) and cap.slots > 0]
+        if not queues and not before and then is None:
+            return 0, [], None
 
-    def _dispatch_queue(self, queue: str, capacity: sc.Capacity) -> int:
-        c = self.ctx
-        pipe = c.client.pipeline(transaction=False)
-        pipe.xlen(c.keys.dispatch(queue))
-        # a few more than the slots, so jobs whose resources don't fit yet can be passed
-        window = min(max(capacity.slots * 2, 64), c.settings.dispatch_batch)
-        pipe.zrange(c.keys.queue(queue), 0, window - 1)
-        in_flight, candidates = pipe.execute()
-        if capacity.slots - int(in_flight) <= 0 or not candidates:
-            return 0
-        sent, _held = c.scripts.run(sc.dispatch(
-            c.keys, queue, candidates, capacity=capacity, events_maxlen=c.maxlen, by=c.me,
-        ))
-        return int(sent)
+        def read(batch: Batch) -> None:
+            for call in before:
+                batch.script(call)
+            for queue, capacity in queues:
+                batch.xlen(c.keys.dispatch(queue))
+                # a few more than the slots, so jobs whose resources don't fit can be passed
+                window = min(max(capacity.slots * 2, 64), c.settings.dispatch_batch)
+                batch.zrange(c.keys.queue(queue), 0, window - 1)
+
+        if not queues:  # nothing to dispatch: one round trip
+            got = c.execute(lambda batch: (read(batch), then and then(batch)))
+            return 0, got[:len(before)], got[-1] if then else None
+        got = c.execute(read)
+        answers, got = got[:len(before)], got[len(before):]
+        calls = []
+        for i, (queue, capacity) in enumerate(queues):
+            in_flight, candidates = got[2 * i], got[2 * i + 1]
+            if capacity.slots - int(in_flight) > 0 and candidates:
+                calls.append(sc.dispatch(c.keys, queue, candidates, capacity=capacity,
+                                         events_maxlen=c.maxlen, by=c.me))
+        if not calls and then is None:
+            return 0, answers, None
+
+        def send(batch: Batch) -> None:
+            for call in calls:
+                batch.script(call)
+            if then:
+                then(batch)
+
+        sent = c.execute(send)
+        later = sent.pop() if then else None
+        return sum(int(s) for s, _held in sent), answers, later
 
     def _refresh_cluster(self) -> None:
         c = self.ctx
@@ -164,7 +209,9 @@ class Duties:
     def refresh_queue_names(self) -> None:
         if monotonic() - self.queues_refreshed_at < 1.0:
             return
-        self.queue_names = sorted(self.ctx.client.smembers(self.ctx.keys.queues()))
+        known = set(self.ctx.client.smembers(self.ctx.keys.queues()))
+        self.fresh_queues -= known
+        self.queue_names = sorted(known | self.fresh_queues)
         self.queues_refreshed_at = monotonic()
 
     # -- reap ---------------------------------------------------------------------

@@ -20,12 +20,13 @@ from typing import Any
 
 import orjson
 import redis
-from sqlalchemy import insert
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
+from common.clock import monotonic
 from common.db import make_engine
+from common.jobs import durations
 from common.keys import GROUP_RECORDER, Keys
 from common.logging import get_logger
 from common.models import TERMINAL_STATES
@@ -40,19 +41,38 @@ EVENT_FIELDS = {"job", "seq", "state", "at", "by"}
 JOB_COLUMNS = (
     "owner", "queue", "state", "kind", "priority", "host", "attempt", "worker", "wait_reason",
     "created_at", "started_at", "finished_at", "exit_code", "result", "error", "reason", "spec",
+    "peak_rss_kb", "cpu_s",
 )
-INT_COLUMNS = {"priority", "attempt", "created_at", "started_at", "finished_at", "exit_code"}
+INT_COLUMNS = {"priority", "attempt", "created_at", "started_at", "finished_at", "exit_code",
+               "peak_rss_kb"}
+FLOAT_COLUMNS = {"cpu_s"}
+DERIVED_COLUMNS = ("wait_ms", "run_ms")  # computed from the times (job_row)
+# the hash fields one HMGET per job reads: the columns, and what wait_ms is measured from
+HASH_FIELDS = (*JOB_COLUMNS, "scheduled_at", "due_at")
+GATHER_S = 0.05  # after a small batch of a busy stream, wait this long for more events
+GATHER_MIN = 10  # a batch this big (a few jobs' events at once) means the stream is busy
+CLAIM_EVERY_S = 5.0  # look for entries other recorders abandoned this often
 LOG_PAGE = 1000  # log entries per XRANGE and per insert when a finished job's log is copied
 
 
 def _value(column: str, raw: str | None) -> Any:
     if raw is None or raw == "":
         return None
-    return int(raw) if column in INT_COLUMNS else raw
+    try:
+        if column in INT_COLUMNS:
+            return int(raw)
+        if column in FLOAT_COLUMNS:
+            return float(raw)
+    except ValueError:
+        return None
+    return raw
 
 
 def job_row(job_id: str, h: dict[str, str], seq: int) -> dict[str, Any]:
-    """A JobRecord row from a job hash, stamped with the seq of the newest event seen."""
+    """A JobRecord row from a job hash, stamped with the seq of the newest event seen.
+    wait_ms = started − when it could first run: max(created, scheduled_at, due_at), where
+    due_at is when a delayed start or a retry's back-off came due (promote_due.lua, which
+    drops scheduled_at); run_ms = finished − started. Both of the last attempt."""
     row: dict[str, Any] = {"id": job_id, "seq": seq}
     for column in JOB_COLUMNS:
         row[column] = _value(column, h.get(column))
@@ -62,6 +82,7 @@ def job_row(job_id: str, h: dict[str, str], seq: int) -> dict[str, Any]:
     row["priority"] = 2 if row["priority"] is None else row["priority"]
     row["attempt"] = row["attempt"] or 0
     row["spec"] = row["spec"] or "{}"
+    row["wait_ms"], row["run_ms"] = durations(h, {})
     return row
 
 
@@ -73,6 +94,10 @@ class Recorder:
         self.engine = engine or make_engine(settings)
         self.me = f"recorder-{socket.gethostname()}-{os.getpid()}"
         self.callbacks: CallbackSender | None = None  # made by run(): catch_up() posts nothing
+        self.statements = Statements(self.engine)
+        self._acks: list[str] = []  # committed, to acknowledge with the next read
+        self._own_pending = True  # look at our own pending entries first (start, errors)
+        self._claim_at = 0.0  # monotonic: when to look for abandoned entries next
 
     # -- loop -----------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
@@ -84,44 +109,73 @@ class Recorder:
                 if not ensured:
                     ensure_group(self.client, self.keys.events(), GROUP_RECORDER)
                     ensured = True
-                self.step(block_ms=500)
+                n = self.step(block_ms=500)
                 self.callbacks.tick()
                 backoff = 0.1
+                if GATHER_MIN <= n < self.settings.recorder_batch // 2:
+                    # busy, yet a small batch: let the next one gather for a moment, so the
+                    # per-batch costs (round trips, a transaction) spread over more events
+                    # and the GIL is left to the scheduler's loop meanwhile (when it is
+                    # quiet, the mirror follows at once: `tidal list` after `tidal wait`)
+                    stop.wait(GATHER_S)
             except (redis.RedisError, SQLAlchemyError) as exc:
                 if "NOGROUP" in str(exc):  # Redis lost its data: create the group again
                     ensured = False
+                self._own_pending = True  # what failed is read again from the pending list
                 log.warning("recorder error; retrying", error=str(exc), retry_in=backoff)
                 stop.wait(backoff)
                 backoff = min(backoff * 2, 5.0)
+        self.flush_acks()
         self.callbacks.close()
 
     def step(self, block_ms: int | None = None) -> int:
-        """Apply one batch: entries this recorder left unacknowledged first (after an
-        error), then entries other recorders abandoned, then new ones. block_ms None
-        means don't wait (never 0, which blocks forever)."""
-        items = self._read("0", None) or self._claim() or self._read(">", block_ms)
+        """Apply one batch: entries this recorder left unacknowledged first (at start and
+        after an error), then entries other recorders abandoned (looked for every
+        CLAIM_EVERY_S), then new ones. block_ms None means don't wait (never 0, which
+        blocks forever). A batch is acknowledged after its transaction committed, along
+        with the next read (one round trip for both)."""
+        items: list[tuple[str, dict[str, str]]] = []
+        if self._own_pending:
+            items = self._read("0", None)
+            self._own_pending = bool(items)
+        if not items and monotonic() >= self._claim_at:
+            items = self._claim()
+            self._claim_at = monotonic() + CLAIM_EVERY_S if not items else 0.0
+        if not items:
+            items = self._read(">", block_ms)
         if not items:
             return 0
         self.apply(items)
-        self.client.xack(self.keys.events(), GROUP_RECORDER, *[eid for eid, _ in items])
+        self._acks.extend(eid for eid, _ in items)
         return len(items)
 
     def catch_up(self) -> int:
         """Apply everything available now (tests, `tidal doctor`)."""
         ensure_group(self.client, self.keys.events(), GROUP_RECORDER)
+        self._own_pending, self._claim_at = True, 0.0
         total = 0
         while n := self.step():
             total += n
+        self.flush_acks()
         return total
 
+    def flush_acks(self) -> None:
+        if self._acks:
+            self.client.xack(self.keys.events(), GROUP_RECORDER, *self._acks)
+            self._acks.clear()
+
     def _read(self, start: str, block_ms: int | None) -> list[tuple[str, dict[str, str]]]:
-        got = self.client.xreadgroup(
-            GROUP_RECORDER, self.me, {self.keys.events(): start},
-            count=self.settings.recorder_batch, block=block_ms,
-        )
+        pipe = self.client.pipeline(transaction=False)
+        if self._acks:
+            pipe.xack(self.keys.events(), GROUP_RECORDER, *self._acks)
+        pipe.xreadgroup(GROUP_RECORDER, self.me, {self.keys.events(): start},
+                        count=self.settings.recorder_batch, block=block_ms)
+        got = pipe.execute()[-1]
+        self._acks.clear()
         return [item for _s, items in got or [] for item in items if item[1]]
 
     def _claim(self) -> list[tuple[str, dict[str, str]]]:
+        self.flush_acks()
         _next, items, _deleted = self.client.xautoclaim(
             self.keys.events(), GROUP_RECORDER, self.me,
             min_idle_time=int(self.settings.reclaim_idle_s * 1000), start_id="0-0",
@@ -131,8 +185,9 @@ class Recorder:
 
     # -- apply ----------------------------------------------------------------------
     def apply(self, items: list[tuple[str, dict[str, str]]]) -> None:
-        """One transaction for the batch: event rows (duplicates ignored) and job rows
-        upserted from the job hashes (or from the events when a hash has expired)."""
+        """One transaction for the batch: event rows (duplicates ignored) and one row per
+        job (its newest state in the batch) upserted from the job hash, or from the events
+        when the hash has expired. Prebuilt statements, each run once for all its rows."""
         newest: dict[str, int] = {}
         events: list[dict[str, Any]] = []
         fallback: dict[str, dict[str, str]] = {}
@@ -148,15 +203,24 @@ class Recorder:
                 newest[job_id] = seq
                 fallback[job_id] = {**fallback.get(job_id, {}), "state": f["state"], **extra}
         hashes = self._job_hashes(list(newest))
-        rows = [job_row(j, hashes.get(j) or fallback[j], s) for j, s in newest.items()]
+        full: list[dict[str, Any]] = []
+        partial: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+        for job_id, seq in newest.items():
+            h = hashes.get(job_id)
+            if h:
+                full.append(job_row(job_id, h, seq))
+            else:  # the hash expired: update only the columns the events told
+                source = fallback[job_id]
+                known = tuple(c for c in JOB_COLUMNS if source.get(c) not in (None, ""))
+                partial.setdefault(known, []).append(job_row(job_id, source, seq))
         with self.engine.begin() as conn:
-            conn.execute(self._insert(EventRecord, ignore=True), events)
-            for row in rows:
-                source = hashes.get(row["id"]) or fallback[row["id"]]
-                known = [c for c in JOB_COLUMNS if source.get(c) not in (None, "")]
-                conn.execute(self._upsert_job(row, known if not hashes.get(row["id"]) else None))
+            conn.execute(self.statements.events, events)
+            if full:
+                conn.execute(self.statements.upsert(None), full)
+            for known, rows in partial.items():
+                conn.execute(self.statements.upsert(known), rows)
             if callbacks := callback_rows(ended, hashes):
-                conn.execute(self._insert(CallbackRecord, ignore=True), callbacks)
+                conn.execute(self.statements.callbacks, callbacks)
         self.copy_logs(list(ended))
 
     def copy_logs(self, job_ids: list[str]) -> int:
@@ -172,7 +236,7 @@ class Recorder:
         for job_id, page in zip(job_ids, pipe.execute(), strict=True):
             while page:
                 with self.engine.begin() as conn:
-                    conn.execute(self._insert(LogRecord, ignore=True),
+                    conn.execute(self.statements.logs,
                                  [log_row(job_id, eid, fields) for eid, fields in page])
                 total += len(page)
                 if len(page) < LOG_PAGE:
@@ -182,31 +246,48 @@ class Recorder:
         return total
 
     def _job_hashes(self, job_ids: list[str]) -> dict[str, dict[str, str]]:
+        """The fields the mirror needs of each job, in one round trip ({} for a job whose
+        hash has expired)."""
         pipe = self.client.pipeline(transaction=False)
         for job_id in job_ids:
-            pipe.hgetall(self.keys.job(job_id))
-        return dict(zip(job_ids, pipe.execute(), strict=True))
+            pipe.hmget(self.keys.job(job_id), HASH_FIELDS)
+        out = {}
+        for job_id, values in zip(job_ids, pipe.execute() if job_ids else [], strict=True):
+            out[job_id] = ({f: v for f, v in zip(HASH_FIELDS, values, strict=True)
+                            if v is not None} if values[0] is not None else {})
+        return out
 
-    def _dialect_insert(self, table: Any) -> Any:
-        name = self.engine.dialect.name
-        if name == "sqlite":
-            return sqlite.insert(table)
-        if name == "postgresql":
+
+class Statements:
+    """The recorder's statements, built once per engine (their compiled form is cached by
+    SQLAlchemy, so each batch only binds parameters)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.dialect = engine.dialect.name
+        self.events = self._insert(EventRecord).on_conflict_do_nothing()
+        self.logs = self._insert(LogRecord).on_conflict_do_nothing()
+        self.callbacks = self._insert(CallbackRecord).on_conflict_do_nothing()
+        self._upserts: dict[tuple[str, ...] | None, Any] = {}
+
+    def _insert(self, model: Any) -> Any:
+        table = model.__table__
+        if self.dialect == "postgresql":
             return postgresql.insert(table)
-        return insert(table)
+        return sqlite.insert(table)
 
-    def _insert(self, model: Any, *, ignore: bool) -> Any:
-        stmt = self._dialect_insert(model.__table__)
-        return stmt.on_conflict_do_nothing() if ignore else stmt
-
-    def _upsert_job(self, row: dict[str, Any], known: list[str] | None) -> Any:
-        """Insert or update a job row, never moving it back in seq. `known` limits the
-        update to the columns an event told (when the job hash has already expired)."""
-        table = JobRecord.__table__  # type: ignore[attr-defined]
-        stmt = self._dialect_insert(table).values(**row)
-        columns = [c for c in row if c != "id"] if known is None else [*known, "seq"]
-        return stmt.on_conflict_do_update(
-            index_elements=["id"],
-            set_={c: stmt.excluded[c] for c in columns},
-            where=table.c.seq <= stmt.excluded.seq,
-        )
+    def upsert(self, known: tuple[str, ...] | None) -> Any:
+        """Insert or update job rows, never moving one back in seq. `known` limits the
+        update to those columns (when the job hash has already expired)."""
+        stmt = self._upserts.get(known)
+        if stmt is None:
+            table = JobRecord.__table__  # type: ignore[attr-defined]
+            insert = self._insert(JobRecord)
+            columns = ([*JOB_COLUMNS, *DERIVED_COLUMNS, "seq"] if known is None
+                       else [*known, "seq"])
+            stmt = insert.on_conflict_do_update(
+                index_elements=["id"],
+                set_={c: insert.excluded[c] for c in columns},
+                where=table.c.seq <= insert.excluded.seq,
+            )
+            self._upserts[known] = stmt
+        return stmt

@@ -1,24 +1,35 @@
 """The scheduler loop: small duties run by one `Every` helper under one stop event.
-Admission blocks briefly on the submissions stream, so the loop wakes as soon as work
-arrives; the other duties run on their own intervals."""
+
+Each pass reads new submissions and new settle entries in one XREADGROUP (the same group
+on both streams). When the last pass found nothing it blocks there, so the loop wakes as
+soon as a job is submitted or one ends (finish.lua appends to the settle stream), and a
+freed slot is refilled at once instead of on the server's next tick. A pass that read
+something reads the next batch ahead, without blocking, in its last round trip; one that
+queued jobs some other way (a host granted, dependents enqueued, a periodic duty) is
+followed by one that does not block. The pass admits, settles and reads every queue's
+free slots and best jobs in one round trip, and dispatches in one more. The block
+is bounded (`scheduler_block_ms`; in practice the server's hz tick, 100 ms at hz 10), so
+the periodic duties run on their own intervals."""
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 
 from common import scripts as sc
 from common.clock import monotonic
-from common.keys import Keys
+from common.keys import GROUP_SCHEDULERS, Keys
 from common.logging import get_logger
 from common.redis import connect
 from common.settings import Settings
-from scheduler.context import Context, new_scheduler_id
+from scheduler.context import Batch, Context, new_scheduler_id
 from scheduler.cron import CronFirer
 from scheduler.duties import Duties
+from scheduler.loopstats import LoopStats
 from scheduler.recorder import Recorder
 from scheduler.settle import Settler
 
@@ -33,10 +44,11 @@ class Every:
     duty: Callable[[], object]
     last: float = -1e9
 
-    def tick(self, now: float) -> None:
+    def tick(self, now: float) -> object:
         if now - self.last >= self.interval:
             self.last = now
-            self.duty()
+            return self.duty()
+        return None
 
 
 class Scheduler:
@@ -51,16 +63,50 @@ class Scheduler:
         self.stop_event = threading.Event()
         self.recorder = Recorder(settings, self.client) if settings.recorder else None
         self._recorder_thread: threading.Thread | None = None
+        self.loop_stats = LoopStats()
+        self.read_at = 0.0  # monotonic: when the last pass's read returned
+        self.streams = {self.ctx.keys.submissions(): ">", self.ctx.keys.settle(): ">"}
+        self.ahead: Any = None  # what the last pass read ahead for the next one
+        self.no_wait = False  # the next pass must not block (jobs were queued meanwhile)
 
     @property
     def me(self) -> str:
         return self.ctx.me
 
-    def step(self, block_ms: int | None = None) -> None:
-        """One pass of the always-on duties (the loop body; tests call it directly)."""
-        self.duties.admit(block_ms)
-        self.settler.settle()
-        self.duties.dispatch_all()
+    def step(self, block_ms: int | None = None) -> int:
+        """One pass of the always-on duties (the loop body; tests call it directly): take
+        new submissions and settle entries (those the last pass read ahead, else read now,
+        waiting up to `block_ms` while there are none; None: the setting, 0: not at all),
+        admit and settle them and dispatch. A pass that read something reads the next
+        batch ahead, without waiting, in its last round trip. Returns the entries taken
+        plus the jobs dispatched (0: there was nothing to do)."""
+        c = self.ctx
+        got, self.ahead = self.ahead, None
+        if not got:
+            block = c.settings.scheduler_block_ms if block_ms is None else block_ms
+            if self.no_wait:  # the last pass or a periodic duty queued jobs: dispatch them
+                block, self.no_wait = 0, False
+            got = c.client.xreadgroup(GROUP_SCHEDULERS, c.me, self.streams,
+                                      count=c.settings.admit_batch, block=block or None)
+        self.read_at = monotonic()
+        subs, ended = [], []
+        for stream, items in got or []:
+            (subs if stream == c.keys.submissions() else ended).extend(items)
+        admit, with_deps = self.duties.plan_admit(subs)
+        if with_deps:
+            self.duties.admit_with_deps(with_deps)
+        todo = self.settler.plan(ended)
+        before = [call for call in (admit, self.settler.call(todo) if todo else None) if call]
+        read_ahead = self._read_ahead if subs or ended else None
+        sent, answers, self.ahead = self.duties.dispatch_after(before, read_ahead)
+        if todo and answers[-1]:  # some hosts had waiters, some jobs dependents
+            self.settler.follow_up(todo, answers[-1])
+            self.no_wait = True  # what they enqueued is dispatched by the next pass
+        return len(subs) + len(ended) + sent
+
+    def _read_ahead(self, batch: Batch) -> None:
+        batch.xreadgroup(GROUP_SCHEDULERS, self.me, self.streams,
+                         count=self.settings.admit_batch)
 
     def run(self) -> None:
         log.info("scheduler starting", scheduler=self.me, redis=self.settings.redis_url)
@@ -77,6 +123,7 @@ class Scheduler:
             Every(5.0, self.duties.reclaim_submissions),
             Every(5.0, self.settler.recover),
             Every(s.reap_interval_s, self.duties.reap),
+            Every(1.0, self.publish_loop_stats),
         ]
         ready, backoff = False, 0.1
         while not self.stop_event.is_set():
@@ -87,7 +134,9 @@ class Scheduler:
                 self.step()
                 now = monotonic()
                 for duty in periodic:
-                    duty.tick(now)
+                    if duty.tick(now):  # it moved jobs: the next pass must not wait
+                        self.no_wait = True
+                self.loop_stats.record(monotonic() - self.read_at)
                 backoff = 0.1
             except redis.RedisError as exc:
                 if "NOGROUP" in str(exc):  # Redis lost its data: create the groups again
@@ -95,9 +144,17 @@ class Scheduler:
                 log.warning("redis error; retrying", error=str(exc), retry_in=backoff)
                 self.stop_event.wait(backoff)
                 backoff = min(backoff * 2, 5.0)
+        if self.ahead:  # read, so pending on this scheduler: handle it before leaving
+            try:
+                self.step(0)
+            except redis.RedisError as exc:
+                log.warning("entries left pending for another scheduler", error=str(exc))
         if self._recorder_thread:
             self._recorder_thread.join(timeout=10)
         log.info("scheduler stopped", scheduler=self.me)
+
+    def publish_loop_stats(self) -> None:
+        self.loop_stats.publish(self.client, self.ctx.keys, self.me)
 
     def stop(self) -> None:
         self.stop_event.set()

@@ -7,16 +7,19 @@ state, the submitted/completed/failed counters and the wait and run time histogr
 aggregated from the SQL mirror, at most once per MIRROR_CACHE_S per process, so scrapes
 cost the hot path nothing. docs/live.md lists every metric and where it comes from.
 
-The scheduler does not publish its loop latency, so there is no metric for it.
+Each scheduler publishes how long its loop passes take (scheduler/loopstats.py: a
+histogram as JSON under a key with a short TTL, so a dead scheduler's figures lapse);
+`tidal_scheduler_loop_seconds` exports it labelled by scheduler, read at scrape time.
 """
 
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -32,7 +35,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import StateDep
+from api.deps import AppState, StateDep
 from api.routes.queues import ClusterView, cluster_view
 from common.clock import monotonic
 from common.models import Priority, State
@@ -74,14 +77,17 @@ def _histogram(row: list[Any], count: int) -> Histogram:
 
 def mirror_stats(engine: Engine) -> MirrorStats:
     """Two grouped queries: jobs by (queue, state, priority); and, over finished jobs that
-    ran, wait (started − created) and run (finished − started) times by queue."""
+    ran, wait and run times by queue: the recorder's wait_ms (from when the job could first
+    run, so a delayed start does not count as waiting) and run_ms, or for rows mirrored
+    before those columns existed, started − created and finished − started."""
     created, started = col(JobRecord.created_at), col(JobRecord.started_at)
     finished = col(JobRecord.finished_at)
     counts = select(JobRecord.queue, JobRecord.state, JobRecord.priority, func.count()).group_by(
         JobRecord.queue, JobRecord.state, JobRecord.priority)
     times = (
-        select(JobRecord.queue, func.count(), *_histogram_columns(started - created),
-               *_histogram_columns(finished - started))
+        select(JobRecord.queue, func.count(),
+               *_histogram_columns(func.coalesce(col(JobRecord.wait_ms), started - created)),
+               *_histogram_columns(func.coalesce(col(JobRecord.run_ms), finished - started)))
         .where(created.is_not(None), started.is_not(None), finished.is_not(None))
         .group_by(JobRecord.queue)
     )
@@ -184,11 +190,58 @@ def mirror_families(stats: MirrorStats, now: float) -> Iterator[Metric]:
         failed.add_metric([queue], totals.get(State.FAILED.value, 0))
     yield from (jobs, submitted, completed, failed)
     yield _histogram_family("tidal_job_wait_seconds", "Wait time of finished jobs: started − "
-                            "created (SQL mirror).", stats.wait)
+                            "when it could first run (SQL mirror).", stats.wait)
     yield _histogram_family("tidal_job_run_seconds", "Run time of finished jobs: finished − "
                             "started (SQL mirror).", stats.run)
     yield _gauge("tidal_metrics_mirror_age_seconds", "Age of the SQL figures in this scrape.",
                  max(0.0, now - stats.taken_at))
+
+
+# -- the schedulers' loops (each publishes its own figures) -------------------------------------
+
+
+@dataclass
+class LoopFigures:
+    scheduler: str
+    buckets: list[float]  # upper bounds (s)
+    cumulative: list[int]  # passes at or under each bound
+    count: int
+    sum_s: float
+    max_s: float  # the longest pass in the scheduler's last report interval
+
+
+async def scheduler_loops(ctx: AppState) -> list[LoopFigures]:
+    """The loop figures of every scheduler whose entry has not lapsed (two round trips)."""
+    ids = sorted(await ctx.redis.zrange(ctx.keys.schedulers(), 0, -1))
+    if not ids:
+        return []
+    raw = await ctx.redis.mget([ctx.keys.scheduler_loop(i) for i in ids])
+    out = []
+    for scheduler, text in zip(ids, raw, strict=True):
+        if not text:
+            continue
+        try:
+            d = orjson.loads(text)
+            out.append(LoopFigures(str(scheduler), [float(b) for b in d["buckets"]],
+                                   [int(n) for n in d["cumulative"]], int(d["count"]),
+                                   float(d["sum"]), float(d.get("max") or 0.0)))
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            continue  # not ours to fail a scrape over
+    return out
+
+
+def loop_families(loops: Iterable[LoopFigures]) -> Iterator[Metric]:
+    hist = HistogramMetricFamily("tidal_scheduler_loop_seconds", "Duration of the scheduler's "
+                                 "loop passes (admit, settle, dispatch, periodic duties; not the "
+                                 "wait for work), per scheduler since it started.",
+                                 labels=["scheduler"])
+    longest = _gauge("tidal_scheduler_loop_max_seconds", "Longest loop pass of each scheduler "
+                     "in its last report interval (about 1 s).", labels=["scheduler"])
+    for f in loops:
+        buckets = [(floatToGoString(b), n) for b, n in zip(f.buckets, f.cumulative, strict=True)]
+        hist.add_metric([f.scheduler], [*buckets, ("+Inf", f.count)], sum_value=f.sum_s)
+        longest.add_metric([f.scheduler], f.max_s)
+    yield from (hist, longest)
 
 
 class _Families(Collector):
@@ -206,7 +259,9 @@ class _Families(Collector):
             responses={200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}}})
 async def metrics(ctx: StateDep) -> Response:
     view = await cluster_view(ctx)
+    loops = await scheduler_loops(ctx)
     stats = await cached_mirror_stats(ctx.engine)
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Families([*live_families(view), *mirror_families(stats, monotonic())]))
+    registry.register(_Families([*live_families(view), *loop_families(loops),
+                                 *mirror_families(stats, monotonic())]))
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

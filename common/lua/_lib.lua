@@ -89,3 +89,55 @@ local function fail_dependency(k, id, dep_id, dep_state, now, maxlen, by)
   emit(k.events, maxlen, k.job, id, 'failed', now, by, {'reason', 'dependency_failed'})
   settle(k.settle, k.job, id, 'failed')
 end
+
+-- Hand a host on (grant.lua and settle.lua): the released job lets go of the host if it
+-- held it; the first waiter, in submission order, then holds it and joins its queue with
+-- the score it was given on admission. `waiter` is the head the caller proposes ('' for
+-- none). k = {host, hostwait, hosts, waiter_job, waiter_queue}: keys from the script's KEYS.
+-- Returns 'granted', 'held' (another job holds it), 'free' (no one waits), or 'retry' (the
+-- proposed waiter is not the head, or no waiter was proposed while some wait: read again).
+local function grant_host(k, released, waiter, name)
+  local holder = redis.call('GET', k.host)
+  if holder and holder ~= released then return 'held' end
+  if holder then redis.call('DEL', k.host) end
+  if waiter == '' then
+    if redis.call('ZCARD', k.hostwait) == 0 then redis.call('SREM', k.hosts, name) return 'free' end
+    return 'retry'
+  end
+  local head = redis.call('ZRANGE', k.hostwait, 0, 0)
+  if head[1] ~= waiter then return 'retry' end
+  redis.call('ZREM', k.hostwait, waiter)
+  local h = redis.call('HMGET', k.waiter_job, 'state', 'score')
+  if h[1] ~= 'queued' then return 'retry' end
+  redis.call('SET', k.host, waiter)
+  redis.call('ZADD', k.waiter_queue, tonumber(h[2]) or 0, waiter)
+  redis.call('HSET', k.waiter_job, 'wait_reason', 'priority')
+  return 'granted'
+end
+
+-- A job ended (dep_id, in dep_state): tell one of its dependents (resolve.lua and
+-- settle.lua). The dependency is crossed off; if it ended the wrong way for the
+-- dependent's condition, the dependent fails with reason dependency_failed (and is settled
+-- in turn); if it was the last one the dependent waited for, the dependent is enqueued.
+-- k = {job, deps, queue, delayed, host, hostwait, hosts, stale, events, settle}.
+-- Returns 'enqueued', 'failed', 'waiting' or 'skipped' (not waiting for dependencies).
+local function resolve_dependent(k, dep_id, dep_state, now, maxlen, step, by)
+  if redis.call('SREM', k.deps, dep_id) == 0 then return 'skipped' end
+  local h = redis.call('HMGET', k.job, 'state', 'wait_reason', 'id', 'dep:' .. dep_id)
+  if h[1] ~= 'queued' or h[2] ~= 'dependencies' then return 'skipped' end
+  local id, cond = h[3], h[4] or 'success'
+  local ok = cond == 'any'
+    or (cond == 'failure' and (dep_state == 'failed' or dep_state == 'cancelled'
+                               or dep_state == 'expired'))
+    or (cond == 'success' and dep_state == 'completed')
+  if not ok then
+    redis.call('DEL', k.deps)
+    redis.call('ZREM', k.stale, id)
+    fail_dependency(k, id, dep_id, dep_state, now, maxlen, by)
+    return 'failed'
+  end
+  if redis.call('SCARD', k.deps) > 0 then return 'waiting' end
+  local reason = enqueue(k, id, now, step, now)
+  emit(k.events, maxlen, k.job, id, 'queued', now, by, {'wait_reason', reason})
+  return 'enqueued'
+end

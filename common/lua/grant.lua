@@ -15,19 +15,5 @@
 local host, hostwait, hosts, waiter_job, waiter_queue = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local released, waiter, name = ARGV[1], ARGV[2], ARGV[3]
 
-local holder = redis.call('GET', host)
-if holder and holder ~= released then return 'held' end
-if holder then redis.call('DEL', host) end
-if waiter == '' then
-  if redis.call('ZCARD', hostwait) == 0 then redis.call('SREM', hosts, name) return 'free' end
-  return 'retry'
-end
-local head = redis.call('ZRANGE', hostwait, 0, 0)
-if head[1] ~= waiter then return 'retry' end
-redis.call('ZREM', hostwait, waiter)
-local h = redis.call('HMGET', waiter_job, 'state', 'score')
-if h[1] ~= 'queued' then return 'retry' end
-redis.call('SET', host, waiter)
-redis.call('ZADD', waiter_queue, tonumber(h[2]) or 0, waiter)
-redis.call('HSET', waiter_job, 'wait_reason', 'priority')
-return 'granted'
+return grant_host({host = host, hostwait = hostwait, hosts = hosts, waiter_job = waiter_job,
+                   waiter_queue = waiter_queue}, released, waiter, name)

@@ -1,7 +1,8 @@
 -- promote_due.lua: jobs whose time has come leave the delayed set (scheduled starts and
 -- retry backoff) and are enqueued: behind their host's holder or in their queue, with
 -- their age counted from when they became due. Due-ness is decided by Redis' clock; the
--- caller only proposes candidates.
+-- caller only proposes candidates. The due time stays on the hash as `due_at`: the
+-- mirror measures the wait of a job's last attempt from it.
 --
 -- KEYS[1] delayed zset        {tidal}:delayed
 -- KEYS[2] events stream       {tidal}:events
@@ -28,6 +29,7 @@ for i = 0, (#KEYS - 3) / 4 - 1 do
     local state = redis.call('HGET', k.job, 'state')
     if state == 'queued' or state == 'retrying' then
       redis.call('HDEL', k.job, 'scheduled_at')
+      redis.call('HSET', k.job, 'due_at', due)
       local reason = enqueue(k, id, now, step, due)
       emit(events, maxlen, k.job, id, 'queued', now, by, {'wait_reason', reason})
       promoted = promoted + 1

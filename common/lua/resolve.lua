@@ -17,24 +17,5 @@ local k = {job = job, queue = KEYS[5], delayed = KEYS[6], host = KEYS[7], hostwa
 local stale = KEYS[10]
 local dep_id, dep_state, maxlen, step, by = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5]
 
-if redis.call('SREM', deps, dep_id) == 0 then return 'skipped' end
-local field = 'dep:' .. dep_id
-local h = redis.call('HMGET', job, 'state', 'wait_reason', 'id', field, 'created_at')
-if h[1] ~= 'queued' or h[2] ~= 'dependencies' then return 'skipped' end
-local id, cond = h[3], h[4] or 'success'
-local now = now_ms()
-
-local ok = cond == 'any'
-  or (cond == 'failure' and (dep_state == 'failed' or dep_state == 'cancelled' or dep_state == 'expired'))
-  or (cond == 'success' and dep_state == 'completed')
-if not ok then
-  redis.call('DEL', deps)
-  redis.call('ZREM', stale, id)
-  fail_dependency({job = job, events = events, settle = settle_stream}, id, dep_id, dep_state,
-                  now, maxlen, by)
-  return 'failed'
-end
-if redis.call('SCARD', deps) > 0 then return 'waiting' end
-local reason = enqueue(k, id, now, step, now)
-emit(events, maxlen, job, id, 'queued', now, by, {'wait_reason', reason})
-return 'enqueued'
+k.deps, k.stale, k.events, k.settle = deps, stale, events, settle_stream
+return resolve_dependent(k, dep_id, dep_state, now_ms(), maxlen, step, by)

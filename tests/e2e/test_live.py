@@ -215,7 +215,14 @@ def test_metrics_parsed_match_what_ran(cluster: Cluster) -> None:
     jobs += [cluster.client.submit({"command": ["sh", "-c", "exit 1"]}) for _ in range(2)]
     for job in jobs:
         cluster.client.wait(job.id, timeout=30)
-    every = list(cluster.client.iter_jobs())
+    ids = {job.id for job in jobs}
+
+    def mirrored() -> list[Any] | None:  # the listing (the SQL mirror) lags Redis a little
+        listed = list(cluster.client.iter_jobs())
+        done = {j.id for j in listed if j.state in ("completed", "failed")}
+        return listed if ids <= done else None
+
+    every = wait_for(mirrored, timeout=30, what="the mirror to list the jobs that ran")
     expected = {state: sum(1 for j in every if j.state == state)
                 for state in ("completed", "failed")}
     assert expected["completed"] >= 3 and expected["failed"] >= 2

@@ -111,7 +111,17 @@ class Scheduling(RuleBasedStateMachine):
             self.h.lose_worker(worker)
             self.alive.discard(worker)
         else:
-            self.alive.add(worker)  # a new process comes up in its place
+            self.revive(worker)
+
+    def revive(self, worker: str) -> None:
+        """A new process comes up in the dead one's place. A real one has a new worker id;
+        these reuse the name, so the dead consumer's entries are reaped first (else the
+        reaper would take the newcomer's heartbeat for the dead one's, and its jobs would
+        stay `running` forever: a flaw of the model, not of the scheduler)."""
+        duties = self.h.schedulers[0].duties
+        duties.queues_refreshed_at = -1e9  # its queue names may be a second old
+        duties.reap()
+        self.alive.add(worker)
 
     # -- one scheduler round, checking dispatch order ----------------------------------
     def one_round(self, which: int) -> None:
@@ -180,7 +190,8 @@ class Scheduling(RuleBasedStateMachine):
 
     def drain(self) -> None:
         """Every worker back, everything run to completion (bounded)."""
-        self.alive = set(WORKERS)
+        for worker in set(WORKERS) - self.alive:
+            self.revive(worker)
         for _ in range(200):
             for w in WORKERS:
                 self.h.worker(w, WORKERS[w], cpu=CPU_PER_WORKER)
