@@ -214,6 +214,9 @@ def _tidal_table(res: dict[str, Any]) -> Table:
     if lat.get("hops_ms_p50"):
         extra.add_row("latency hops p50 (ms, Redis clock)",
                       ", ".join(f"{k} {v}" for k, v in lat["hops_ms_p50"].items()))
+    if lat.get("poll"):
+        extra.add_row("latency via a GET loop every 0.5 ms p50 / p99 (ms)",
+                      f"{lat['poll'].get('p50')} / {lat['poll'].get('p99')}")
     if lat.get("sse"):
         extra.add_row("latency via SSE follow p50 / p99 (ms)",
                       f"{lat['sse'].get('p50')} / {lat['sse'].get('p99')}")

@@ -1,9 +1,11 @@
 """Idle latency: sequential no-op jobs, submit → completion seen by the client.
 
-Two ways of seeing completion:
-- `poll` (the headline): the SDK's `submit`, then `GET /jobs/{id}` in a loop with a
-  0.5 ms pause until the state is terminal (the SDK's `wait` backs off from 100 ms, which
-  would dominate);
+Three ways of seeing completion:
+- `wait` (the headline, like the peers' own push-based waits): the SDK's `submit`, then
+  its `wait`, long-polls of `GET /jobs/{id}?wait=` that each answer as soon as the job
+  changes state;
+- `poll`: `GET /jobs/{id}` in a loop with a 0.5 ms pause until the state is terminal
+  (each poll costs the API CPU that the scheduler and worker then lack on 2 cores);
 - `sse`: `GET /jobs/{id}/logs?follow=true` until its `end` event (what `tidal submit
   --follow` uses), on fewer jobs.
 Each job's own timestamps (Redis clock, ms) split the time into hops: created → admitted
@@ -38,6 +40,25 @@ def _hops(t: Tidal, job_ids: list[str]) -> dict[str, float]:
     names = {"admitted_at": "submit→admit", "dispatched_at": "admit→dispatch",
              "started_at": "dispatch→start", "finished_at": "start→finish"}
     return {names[h]: round(statistics.median(v), 2) for h, v in per.items() if v}
+
+
+def run_wait(t: Tidal, n: int) -> dict[str, Any]:
+    samples: list[float] = []
+    ids: list[str] = []
+    with t.client() as c:
+        for _ in range(min(5, n)):  # warm-up: connections, script caches
+            c.wait(c.submit(NOOP).id, timeout=30)
+        for _ in range(n):
+            t0 = time.perf_counter()
+            job = c.submit(NOOP)
+            done = c.wait(job.id, timeout=30)
+            samples.append((time.perf_counter() - t0) * 1000)
+            assert done.state.terminal
+            ids.append(job.id)
+    out: dict[str, Any] = {"mode": "SDK submit + wait (long-poll GET /jobs/{id}?wait=)",
+                           **percentiles(samples)}
+    out["hops_ms_p50"] = _hops(t, ids)
+    return out
 
 
 def run_poll(t: Tidal, n: int) -> dict[str, Any]:
