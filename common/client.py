@@ -299,11 +299,15 @@ class Client:
         answer = self._post_jobs(bodies, retry=retry)
         return [Job.model_validate(j) for j in answer["jobs"]]
 
-    def get(self, job_id: str, wait: float | None = None, polls: int | None = None) -> Job:
+    def get(self, job_id: str, wait: float | None = None, polls: int | None = None,
+            until: str | None = None) -> Job:
         """The job document. With `wait` (0..60 s) the server answers as soon as the job
-        changes state, or after that long (a long-poll); `polls` says how often the caller
-        asked before, and the answer's `poll_after_ms` grows with it."""
+        changes state (or, with `until="finished"`, once it finished), or after that long
+        (a long-poll); `polls` says how often the caller asked before, and the answer's
+        `poll_after_ms` grows with it."""
         params: dict[str, str] = {}
+        if until:
+            params["until"] = until
         timeout: httpx.Timeout | float = self.timeout
         if wait:
             params["wait"] = f"{wait:.3f}"
@@ -355,14 +359,29 @@ class Client:
         return Job.model_validate(self._request("POST", _job_path(job_id, "/retry")))
 
     def wait(self, job_id: str, timeout: float | None = None) -> Job:
-        """Wait until the job is terminal, by long-polls of `long_poll_s` (each answers as
-        soon as the job changes). If an answer comes back early with nothing changed (a
-        server that does not hold the request), waits the `poll_after_ms` it advised before
-        asking again. Raises TimeoutError if it is not done after `timeout` seconds."""
-        for job in self.watch(job_id, timeout):
+        """Wait until the job is terminal, by long-polls of `long_poll_s` that the server
+        holds until the job finished (`until=finished`: one request, not one per
+        transition). An early unfinished answer that changed something (a server that
+        answers at each change) is asked again at once; one with nothing new (a server
+        that does not hold the request) waits the `poll_after_ms` it advised first.
+        Raises TimeoutError if it is not done after `timeout` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        polls, previous = 0, None
+        while True:
+            left = None if deadline is None else deadline - time.monotonic()
+            hold = self.long_poll_s if left is None else max(0.0, min(self.long_poll_s, left))
+            asked = time.monotonic()
+            job = self.get(job_id, wait=hold, polls=polls, until="finished")
             if job.state.terminal:
                 return job
-        raise AssertionError("unreachable")  # pragma: no cover - watch ends terminal
+            seen = job.model_dump(exclude={"poll_after_ms", "wait_detail"})
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                raise TimeoutError(f"job {job_id} is still {job.state} after {timeout}s")
+            if now - asked < hold * 0.9 and seen == previous:
+                pause = (job.poll_after_ms or 1000) / 1000
+                self._sleep(pause if deadline is None else min(pause, deadline - now))
+            previous, polls = seen, polls + 1
 
     def watch(self, job_id: str, timeout: float | None = None) -> Iterator[Job]:
         """The job document now and each time it changes (a transition, or a progress

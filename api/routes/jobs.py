@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 from functools import cache, lru_cache
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import orjson
 import structlog
@@ -30,7 +30,7 @@ from api.validate import SUBMIT_CALL_JOBS, check_submissions, over_active, over_
 from api.waits import wait_detail
 from api.watch import job_watch
 from common import scripts as sc
-from common.clock import ms_to_iso
+from common.clock import monotonic, ms_to_iso
 from common.errors import Conflict, JobNotFound, LimitExceeded
 from common.jobs import hash_from_record, job_from_hash, submission_fields
 from common.models import ErrorResponse, Job, JobBatch, JobPage, JobSubmission, State
@@ -341,14 +341,21 @@ async def get_job(
     polls: Annotated[int, Query(ge=0, le=1_000_000, description=(
         "how many times the client asked before; poll_after_ms grows with it"
     ))] = 0,
+    until: Annotated[Literal["change", "finished"], Query(description=(
+        "with wait: answer at the job's next change (default), or only once it finished"
+    ))] = "change",
 ) -> Response:
+    key = ctx.keys.job(job_id)
     # the seq before the document: a transition between the two reads then ends the wait
-    seq = await ctx.redis.hget(ctx.keys.job(job_id), "seq") if wait and _JOB_ID.match(job_id) \
-        else None
+    seq = await ctx.redis.hget(key, "seq") if wait and _JOB_ID.match(job_id) else None
     job = await visible_job(ctx, principal, job_id)
-    if seq is not None and not job.state.terminal:
-        if await job_watch(request.app.state, ctx).changed(job_id, seq, wait):
-            job = await visible_job(ctx, principal, job_id)
+    deadline = monotonic() + wait
+    while seq is not None and not job.state.terminal:
+        left = deadline - monotonic()
+        if left <= 0 or not await job_watch(request.app.state, ctx).changed(job_id, seq, left):
+            break
+        seq = await ctx.redis.hget(key, "seq") if until == "finished" else None
+        job = await visible_job(ctx, principal, job_id)
     # a Response of the model's own JSON: FastAPI would validate the Job again first
     if job.state.terminal:
         return Response(job.model_dump_json(), media_type="application/json")

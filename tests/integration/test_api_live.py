@@ -83,6 +83,34 @@ def test_long_poll_answers_as_soon_as_the_job_changes(client: TestClient, h: Har
     assert job_id not in watch.waiters
 
 
+def test_long_poll_until_finished_holds_through_every_transition(
+    client: TestClient, h: Harness
+) -> None:
+    """until=finished: one request answers only with the terminal document (what the
+    SDK's wait and tidal wait use: one request per job instead of one per transition)."""
+    job_id = submit(client)
+    answer: dict[str, Any] = {}
+
+    def poll() -> None:
+        resp = client.get(f"/jobs/{job_id}", params={"wait": 30, "until": "finished"})
+        answer.update(status=resp.status_code, body=resp.json())
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    watch = wait_for(lambda: getattr(client.app.state, "job_watch", None),  # type: ignore[attr-defined]
+                     what="the long-poll to start watching")
+    wait_for(lambda: job_id in watch.waiters, what="the request to wait on the job")
+    h.worker("w1", slots=1)
+    assert run(h, "w1") == [job_id]  # pending → queued → dispatched → running
+    wait_for(lambda: job_id in watch.waiters, what="the request to wait again")
+    assert poller.is_alive(), "answered before the job finished"
+    h.finish(job_id, "failed", exit_code=3)
+    poller.join(timeout=10)
+    assert not poller.is_alive(), "the long-poll did not answer when the job finished"
+    assert answer["status"] == 200
+    assert (answer["body"]["state"], answer["body"]["exit_code"]) == ("failed", 3)
+
+
 def test_long_poll_times_out_with_the_same_state(client: TestClient) -> None:
     job_id = submit(client)
     resp = client.get(f"/jobs/{job_id}", params={"wait": 0.3})
@@ -107,7 +135,8 @@ def test_finished_job_answers_at_once_without_poll_after(client: TestClient, h: 
     assert "poll_after_ms" not in resp.json() and "retry-after" not in resp.headers
 
 
-@pytest.mark.parametrize("params", [{"wait": -1}, {"wait": 61}, {"polls": -1}])
+@pytest.mark.parametrize("params", [{"wait": -1}, {"wait": 61}, {"polls": -1},
+                                    {"wait": 1, "until": "soon"}])
 def test_bad_long_poll_parameters_are_422(client: TestClient, params: dict[str, Any]) -> None:
     resp = client.get(f"/jobs/{submit(client)}", params=params)
     assert resp.status_code == 422 and resp.json()["error"]["code"] == "validation_error"

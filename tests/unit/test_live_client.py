@@ -57,6 +57,7 @@ def test_wait_long_polls_and_counts_its_polls() -> None:
     with client:
         assert client.wait("J1").state == State.COMPLETED
     assert [r.url.params.get("wait") for r in requests] == ["30.000"] * 3
+    assert {r.url.params.get("until") for r in requests} == {"finished"}
     assert [r.url.params.get("polls") for r in requests] == [None, "1", "2"]
     assert slept == []  # every answer had news: asked again at once
     assert requests[0].extensions["timeout"]["read"] >= 60  # longer than the hold
