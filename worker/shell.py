@@ -23,9 +23,10 @@
   the last whole report line of each read is still recognised.
 - Usage: the tree's RSS (summed over its processes) and CPU are sampled every
   SAMPLE_EVERY_S with psutil, and the leader is reaped with wait4, whose rusage covers it
-  and every descendant reaped below it; the outcome carries `peak_rss_kb` (the larger of
-  the peak sampled sum and rusage's max RSS) and `cpu_s` (user + system, the larger of the
-  sampled sum and rusage's). A job that ends within the first sample has only rusage.
+  and every descendant reaped below it; the outcome carries `peak_rss_kb` (the peak
+  sampled sum: rusage's max RSS would count the worker's memory the forked child held
+  until its exec) and `cpu_s` (user + system, the larger of the sampled sum and
+  rusage's). A job that ends within the first sample has CPU from rusage and no RSS.
 """
 
 from __future__ import annotations
@@ -164,12 +165,16 @@ class TreeUsage:
         self.peak_rss_kb = max(self.peak_rss_kb, rss // 1024)
 
     def fields(self, rusage: os.struct_rusage | None) -> tuple[tuple[str, str], ...]:
-        """`peak_rss_kb` and `cpu_s`, with the reaped leader's rusage (if any) folded in."""
-        peak, cpu = self.peak_rss_kb, sum(self._cpu.values())
+        """`peak_rss_kb` (sampled only) and `cpu_s`, with the reaped leader's rusage CPU
+        folded in. rusage's max RSS is not used: the child was forked from the worker, so
+        it counts the worker's own memory, copied into the child until its exec (a
+        `sh -c 'sleep 1'` would show the worker's ~60 MB). A job that ended before the
+        first sample therefore has no peak RSS figure."""
+        cpu = sum(self._cpu.values())
         if rusage is not None:
-            peak = max(peak, rusage.ru_maxrss)  # kB on Linux
             cpu = max(cpu, rusage.ru_utime + rusage.ru_stime)
-        return (("peak_rss_kb", str(int(peak))), ("cpu_s", f"{cpu:.3f}"))
+        out = (("cpu_s", f"{cpu:.3f}"),)
+        return ((("peak_rss_kb", str(self.peak_rss_kb)),) + out) if self.peak_rss_kb else out
 
 
 class ShellSession:
