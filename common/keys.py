@@ -39,6 +39,11 @@ class Keys:
         """stream (capped): the job's output lines, for replay and resume."""
         return f"{self.prefix}:log:{job_id}"
 
+    def done(self, job_id: str) -> str:
+        """stream (one entry, short TTL): written when the job finishes, so log followers
+        blocked on its log stream wake at once (a job may end without a last line)."""
+        return f"{self.prefix}:done:{job_id}"
+
     # -- job state ----------------------------------------------------------------
     def job(self, job_id: str) -> str:
         """hash: the job document (state, attempt, owner, timestamps, spec …)."""

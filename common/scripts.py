@@ -265,7 +265,7 @@ def finish(
     return Call(
         "finish",
         [keys.job(job_id), keys.dispatch(queue), keys.events(), keys.delayed(), keys.log(job_id),
-         keys.ledger(), keys.settle()],
+         keys.ledger(), keys.settle(), keys.done(job_id)],
         [
             token,
             GROUP_WORKERS,
@@ -403,7 +403,7 @@ def retry(keys: Keys, job_id: str, owner: str, *, by: str, events_maxlen: int) -
     return Call(
         "retry",
         [keys.job(job_id), keys.submissions(), keys.events(), keys.user(owner),
-         keys.log(job_id)],
+         keys.log(job_id), keys.done(job_id)],
         [job_id, by, events_maxlen],
     )
 

@@ -46,7 +46,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.deps import AppState, PrincipalDep, StateDep
 from api.routes.jobs import ERRORS, read_job, visible_job
-from api.watch import Entry, xread_entries
+from api.watch import Entry
 from common.clock import monotonic, ms_to_iso
 from common.models import TERMINAL_STATES, Job, LogLine, LogPage
 from common.tables import LOG_STREAM_NAMES, LogRecord, log_entry
@@ -194,6 +194,21 @@ async def read_entries(ctx: AppState, job_id: str, after: str | None, limit: int
     return await run_in_threadpool(_mirror_entries, ctx.engine, job_id, after, limit)
 
 
+def _log_entries(reply: Any, key: str) -> tuple[list[Entry], bool]:
+    """An XREAD reply over the log stream and the job's done stream (RESP2 list or RESP3
+    dict): (the log stream's entries, whether the done stream answered)."""
+    if not reply:
+        return [], False
+    entries: list[Entry] = []
+    done = False
+    for name, items in (reply.items() if isinstance(reply, dict) else reply):
+        if name == key:
+            entries = [(str(eid), fields) for eid, fields in (items or [])]
+        elif items:
+            done = True
+    return entries, done
+
+
 async def _rest(ctx: AppState, job_id: str, last: str) -> AsyncIterator[list[Entry]]:
     """Everything after `last`, in bounded reads, without blocking."""
     while page := await read_entries(ctx, job_id, last, READ_COUNT):
@@ -207,8 +222,12 @@ async def tail(
     """A job's log after entry id `after`, live: lines as they come, its state when it
     changes, `Quiet` after PING_S without news, then every remaining line and `Ended` once
     the job is terminal (a job whose hash is gone counts as over). Stops quietly when the
-    server stops or `gone()` says the consumer left; RedisError propagates."""
+    server stops or `gone()` says the consumer left; RedisError propagates.
+
+    The blocking read also watches the job's done stream (finish.lua writes it), so a job
+    that ends without a last line ends the follow at once, not after the block."""
     key, last, quiet_since, seen = ctx.keys.log(job_id), after, monotonic(), None
+    streams = {key: last, ctx.keys.done(job_id): "0-0"}
     while not ctx.stopping.is_set() and not await gone():
         values = await ctx.redis.hmget(ctx.keys.job(job_id), list(STATE_FIELDS))
         h = {name: v for name, v in zip(STATE_FIELDS, values, strict=True) if v is not None}
@@ -221,10 +240,14 @@ async def tail(
                 yield Lines(page)
             yield Ended(await read_job(ctx, job_id))
             return
-        got = xread_entries(await ctx.redis.xread({key: last}, count=READ_COUNT, block=BLOCK_MS))
+        streams[key] = last
+        got, finished = _log_entries(
+            await ctx.redis.xread(streams, count=READ_COUNT, block=BLOCK_MS), key)
         if got:
             last, quiet_since = got[-1][0], monotonic()
             yield Lines(got)
+        elif finished:
+            continue  # the state check at the top ends it
         elif monotonic() - quiet_since >= PING_S:
             quiet_since = monotonic()
             yield Quiet()

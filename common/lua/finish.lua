@@ -13,6 +13,7 @@
 -- KEYS[5] log stream          {tidal}:log:<id>
 -- KEYS[6] ledger hash         {tidal}:ledger
 -- KEYS[7] settle stream       {tidal}:settle
+-- KEYS[8] done stream         {tidal}:done:<id> (wakes the job's log followers)
 -- ARGV[1] fencing token (the dispatch entry id)
 -- ARGV[2] consumer group
 -- ARGV[3] outcome: completed | failed | cancelled
@@ -28,8 +29,8 @@
 -- Returns the state written (completed, failed, cancelled, retrying), or
 --   -1 stale token (another attempt owns the job), -2 job not running, -3 no such job.
 
-local job, stream, events, delayed, log, ledger, settle_stream = KEYS[1], KEYS[2], KEYS[3],
-  KEYS[4], KEYS[5], KEYS[6], KEYS[7]
+local job, stream, events, delayed, log, ledger, settle_stream, done = KEYS[1], KEYS[2],
+  KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8]
 local token, group, outcome = ARGV[1], ARGV[2], ARGV[3]
 local exit_code, result, err, reason = ARGV[4], ARGV[5], ARGV[6], ARGV[7]
 local maxlen, ttl, retry_ms, worker = ARGV[8], tonumber(ARGV[9]), tonumber(ARGV[10]), ARGV[11]
@@ -72,4 +73,6 @@ emit(events, maxlen, job, id, outcome, now, worker,
 settle(settle_stream, job, id, outcome)
 redis.call('EXPIRE', job, ttl)
 redis.call('EXPIRE', log, ttl)
+redis.call('XADD', done, 'MAXLEN', 1, '*', 'state', outcome)
+redis.call('EXPIRE', done, 60)
 return outcome

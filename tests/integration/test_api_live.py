@@ -14,6 +14,7 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from sqlmodel import Session, func, select
 
+from api.routes import logs as log_routes
 from api.routes import metrics as metrics_route
 from common.db import make_engine
 from common.keys import Keys
@@ -109,6 +110,28 @@ def test_long_poll_until_finished_holds_through_every_transition(
     assert not poller.is_alive(), "the long-poll did not answer when the job finished"
     assert answer["status"] == 200
     assert (answer["body"]["state"], answer["body"]["exit_code"]) == ("failed", 3)
+
+
+def test_a_follow_ends_as_soon_as_a_silent_job_finishes(
+    client: TestClient, h: Harness, r: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The follower blocks on the job's log stream; a job that ends without a last line
+    must still end the follow at once: finish.lua's done stream wakes it (without it,
+    only the end of the block would: here 60 s, past the test's deadline)."""
+    monkeypatch.setattr(log_routes, "BLOCK_MS", 60_000)
+    job_id = submit(client)
+    h.worker("w1", slots=1)
+    assert run(h, "w1") == [job_id]
+    frames: list[dict[str, str]] = []
+    reader = threading.Thread(target=lambda: frames.extend(follow(client, job_id)))
+    reader.start()
+    wait_for(lambda: any(c.get("cmd") == "xread" and "b" in c.get("flags", "")
+                         for c in r.client_list()), what="the follower to block in XREAD")
+    h.finish(job_id)
+    reader.join(timeout=10)
+    assert not reader.is_alive(), "the follow did not end when the job finished"
+    assert [f["event"] for f in frames] == ["end"]
+    assert orjson.loads(frames[0]["data"])["state"] == "completed"
 
 
 def test_long_poll_times_out_with_the_same_state(client: TestClient) -> None:
