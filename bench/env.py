@@ -212,6 +212,7 @@ class Tidal:
         self.r = valkey.client
         self.api: subprocess.Popen[Any] | None = None
         self.scheduler: subprocess.Popen[Any] | None = None
+        self.recorder: subprocess.Popen[Any] | None = None
         self.workers: list[subprocess.Popen[Any]] = []
 
     def env(self, **extra: str) -> dict[str, str]:
@@ -251,8 +252,13 @@ class Tidal:
 
     # scheduler
     def start_scheduler(self, **extra: str) -> None:
+        """The scheduler, and the recorder as its own process, as `tidal up` runs them
+        (with TIDAL_RECORDER=false in `extra`: no recorder at all, a diagnostic)."""
         self.scheduler_env = extra
-        self.scheduler = self._spawn("scheduler", "scheduler", **extra)
+        if extra.get("TIDAL_RECORDER") != "false":
+            self.recorder = self._spawn("recorder", "recorder")
+        self.scheduler = self._spawn("scheduler", "scheduler",
+                                     **{**extra, "TIDAL_RECORDER": "false"})
         pid = self.scheduler.pid
 
         def ready() -> bool:
@@ -270,6 +276,8 @@ class Tidal:
     def stop_scheduler(self) -> None:
         self.services.stop(self.scheduler)
         self.scheduler = None
+        self.services.stop(self.recorder)
+        self.recorder = None
 
     # workers
     def start_worker(self, concurrency: int, *, wait: bool = True) -> subprocess.Popen[Any]:
@@ -305,7 +313,8 @@ class Tidal:
     def pids(self) -> dict[str, list[int]]:
         return {
             "api": [self.api.pid] if self.api else [],
-            "scheduler": [self.scheduler.pid] if self.scheduler else [],
+            # the scheduler's figures include the recorder's process
+            "scheduler": [p.pid for p in (self.scheduler, self.recorder) if p is not None],
             "worker": [w.pid for w in self.workers],
         }
 

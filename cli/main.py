@@ -584,10 +584,20 @@ def api(host: HostOpt = None, port: PortOpt = None, redis_url: RedisUrlOpt = Non
 
 @app.command(rich_help_panel="Services")
 def scheduler(redis_url: RedisUrlOpt = None) -> None:
-    """Run a scheduler and the recorder (until SIGTERM / Ctrl-C)."""
+    """Run a scheduler, with the recorder inside unless TIDAL_RECORDER=false (until
+    SIGTERM / Ctrl-C)."""
     from scheduler.main import run
 
     run(service_settings(redis_url))
+
+
+@app.command(rich_help_panel="Services")
+def recorder(redis_url: RedisUrlOpt = None) -> None:
+    """Run the recorder alone, mirroring events into SQL (run the schedulers with
+    TIDAL_RECORDER=false; `tidal up` and docker-compose do). Until SIGTERM / Ctrl-C."""
+    from scheduler.main import run_recorder
+
+    run_recorder(service_settings(redis_url))
 
 
 @app.command(rich_help_panel="Services")
