@@ -47,6 +47,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--source", default=None,
                     help="tree whose services are run: a directory, or git:REV (an export of "
                          "that commit); default: this work tree")
+    ap.add_argument("--recorder-process", action="store_true",
+                    help="run the recorder as its own process (tidal recorder) instead of "
+                         "inside the scheduler, as tidal up does")
     ap.add_argument("--profile-dir", default=str(ROOT / "bench" / "profiles"))
     ap.add_argument("--keep", action="store_true", help="keep the temporary dir (logs)")
     return ap.parse_args(argv)
@@ -124,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         valkey = Valkey(workdir)
         res["versions"]["valkey-server"] = valkey.version
         log(f"valkey {valkey.version} at {valkey.url}; work dir {workdir}; source {SOURCE}")
-        tidal = Tidal(valkey, workdir, services)
+        tidal = Tidal(valkey, workdir, services, recorder_process=args.recorder_process)
         peers = load_peers(run, valkey, services) if args.peers else []
         tidal.start_api()
         phases.run_all(run, tidal, peers)

@@ -200,8 +200,10 @@ class Tidal:
     """Tidal's services as subprocesses (`python -m cli api|scheduler|worker`), on one prefix
     of the run's Valkey; the SQL mirror lives in a temporary data dir."""
 
-    def __init__(self, valkey: Valkey, workdir: Path, services: Services) -> None:
+    def __init__(self, valkey: Valkey, workdir: Path, services: Services,
+                 recorder_process: bool = False) -> None:
         self.valkey = valkey
+        self.recorder_process = recorder_process
         self.services = services
         self.dir = Path(tempfile.mkdtemp(prefix="tidal-", dir=workdir))
         self.prefix = "{bench" + secrets.token_hex(3) + "}"
@@ -252,13 +254,15 @@ class Tidal:
 
     # scheduler
     def start_scheduler(self, **extra: str) -> None:
-        """The scheduler, and the recorder as its own process, as `tidal up` runs them
-        (with TIDAL_RECORDER=false in `extra`: no recorder at all, a diagnostic)."""
+        """The scheduler with the recorder inside, as `tidal up` runs it, or beside it as
+        its own process (`recorder_process`); with TIDAL_RECORDER=false in `extra`: no
+        recorder at all (a diagnostic)."""
         self.scheduler_env = extra
-        if extra.get("TIDAL_RECORDER") != "false":
+        alone = self.recorder_process and extra.get("TIDAL_RECORDER") != "false"
+        if alone:
             self.recorder = self._spawn("recorder", "recorder")
         self.scheduler = self._spawn("scheduler", "scheduler",
-                                     **{**extra, "TIDAL_RECORDER": "false"})
+                                     **({**extra, "TIDAL_RECORDER": "false"} if alone else extra))
         pid = self.scheduler.pid
 
         def ready() -> bool:

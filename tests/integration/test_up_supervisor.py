@@ -155,16 +155,12 @@ def test_service_specs_and_url() -> None:
     env = {"TIDAL_REDIS_URL": "redis://x"}
     specs = service_specs(UpOptions(workers=2, concurrency=3, allow_modules=["tasks"]), env,
                           Path("/logs"))
-    assert [s.name for s in specs] == ["api", "scheduler", "recorder", "worker-1", "worker-2"]
+    assert [s.name for s in specs] == ["api", "scheduler", "worker-1", "worker-2"]
     assert specs[0].argv[1:] == ["-m", "cli", "api", "--host", "127.0.0.1", "--port", "8000"]
-    assert specs[2].argv[3:] == ["recorder"]
-    assert specs[3].argv[3:] == ["worker", "--concurrency", "3", "--allow-module", "tasks"]
-    # the recorder runs in its own process, so the scheduler runs without it
-    assert specs[1].env == {**env, "TIDAL_RECORDER": "false"}
-    assert all(s.env is env for s in specs if s.name != "scheduler")
-    assert all(s.log == Path("/logs") / f"{s.name}.log" for s in specs)
+    assert specs[2].argv[3:] == ["worker", "--concurrency", "3", "--allow-module", "tasks"]
+    assert all(s.env is env and s.log == Path("/logs") / f"{s.name}.log" for s in specs)
     assert [s.name for s in service_specs(UpOptions(workers=0), env, Path("/l"))] == [
-        "api", "scheduler", "recorder"]
+        "api", "scheduler"]
     assert api_url("0.0.0.0", 8000) == "http://127.0.0.1:8000"
     assert api_url("::", 9) == "http://[::1]:9"
 
