@@ -359,41 +359,33 @@ class Client:
         return Job.model_validate(self._request("POST", _job_path(job_id, "/retry")))
 
     def wait(self, job_id: str, timeout: float | None = None) -> Job:
-        """Wait until the job is terminal, by long-polls of `long_poll_s` that the server
-        holds until the job finished (`until=finished`: one request, not one per
-        transition). An early unfinished answer that changed something (a server that
-        answers at each change) is asked again at once; one with nothing new (a server
-        that does not hold the request) waits the `poll_after_ms` it advised first.
-        Raises TimeoutError if it is not done after `timeout` seconds."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        polls, previous = 0, None
-        while True:
-            left = None if deadline is None else deadline - time.monotonic()
-            hold = self.long_poll_s if left is None else max(0.0, min(self.long_poll_s, left))
-            asked = time.monotonic()
-            job = self.get(job_id, wait=hold, polls=polls, until="finished")
+        """Wait until the job is terminal, by long-polls that the server holds until the
+        job finished (`until=finished`: one request, not one per transition). Raises
+        TimeoutError if it is not done after `timeout` seconds."""
+        for job in self._long_polls(job_id, timeout, until="finished"):
             if job.state.terminal:
                 return job
-            seen = job.model_dump(exclude={"poll_after_ms", "wait_detail"})
-            now = time.monotonic()
-            if deadline is not None and now >= deadline:
-                raise TimeoutError(f"job {job_id} is still {job.state} after {timeout}s")
-            if now - asked < hold * 0.9 and seen == previous:
-                pause = (job.poll_after_ms or 1000) / 1000
-                self._sleep(pause if deadline is None else min(pause, deadline - now))
-            previous, polls = seen, polls + 1
+        raise AssertionError("unreachable")  # pragma: no cover - the polls end terminal
 
     def watch(self, job_id: str, timeout: float | None = None) -> Iterator[Job]:
         """The job document now and each time it changes (a transition, or a progress
-        event: docs/live.md#progress), by the long-polls `wait` makes; ends after the
-        terminal document. Raises TimeoutError if it is not done after `timeout` seconds."""
+        event: docs/live.md#progress); ends after the terminal document. Raises
+        TimeoutError if it is not done after `timeout` seconds."""
+        yield from self._long_polls(job_id, timeout)
+
+    def _long_polls(self, job_id: str, timeout: float | None,
+                    until: str | None = None) -> Iterator[Job]:
+        """Long-polls of `long_poll_s`, yielding each answer that brought news and the
+        terminal one. An early answer that changed something is followed by the next poll
+        at once; one with nothing new (a server that does not hold requests) waits the
+        `poll_after_ms` it advised first."""
         deadline = None if timeout is None else time.monotonic() + timeout
         polls, previous = 0, None
         while True:
             left = None if deadline is None else deadline - time.monotonic()
             hold = self.long_poll_s if left is None else max(0.0, min(self.long_poll_s, left))
             asked = time.monotonic()
-            job = self.get(job_id, wait=hold, polls=polls)
+            job = self.get(job_id, wait=hold, polls=polls, until=until)
             seen = job.model_dump(exclude={"poll_after_ms", "wait_detail"})
             if seen != previous or job.state.terminal:
                 yield job
