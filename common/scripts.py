@@ -6,7 +6,7 @@ client, a pipeline (many jobs in one round trip) and the asyncio API.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -64,34 +64,61 @@ class Scripts:
         (asyncio client)."""
         return self._registered[call.script](keys=call.keys, args=call.args, client=pipe)
 
-    def run_many(self, calls: Sequence[Call], *, raise_errors: bool = True) -> list[Any]:
-        """Run many calls in ONE round trip (sync client): a pipeline of plain EVALSHAs.
-        (A redis-py pipeline that carries Script objects first sends SCRIPT EXISTS, a
-        second round trip every time.) Scripts the server lacks (it restarted empty) are
-        loaded and their calls run again, in order: a NOSCRIPT reply means it did not run.
-        The first other error is raised, as a plain call would (or, with `raise_errors`
-        False, left in its place in the list; connection errors always raise)."""
-        if not calls:
-            return []
-        results = self._evalsha_all(calls)
+    def sha(self, name: str) -> str:
+        return str(self._registered[name].sha)
+
+    def execute(self, build: Callable[[Batch], object], *, raise_errors: bool = True
+                ) -> list[Any]:
+        """Send what `build` queues on a fresh Batch (script calls and plain commands) in
+        ONE round trip (sync client). Script calls the server did not know (it restarted
+        empty, or SCRIPT FLUSH) did not run: the scripts are loaded and those calls sent
+        again. The first error is raised after all ran, as a plain call would (or, with
+        `raise_errors` False, left in its place; connection errors always raise)."""
+        batch = Batch(self.client.pipeline(transaction=False), self)
+        build(batch)
+        results = list(batch.pipe.execute(raise_on_error=False))
         missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
         if missing:
-            for name in {calls[i].script for i in missing}:
+            for name in {batch.calls[i].script for i in missing}:
                 self.client.script_load(self._registered[name].script)
-            for i, r in zip(missing, self._evalsha_all([calls[i] for i in missing]),
-                            strict=True):
+            again = Batch(self.client.pipeline(transaction=False), self)
+            for i in missing:
+                again.script(batch.calls[i])
+            for i, r in zip(missing, again.pipe.execute(raise_on_error=False), strict=True):
                 results[i] = r
         for r in results:
             if raise_errors and isinstance(r, Exception):
                 raise r
         return results
 
-    def _evalsha_all(self, calls: Sequence[Call]) -> list[Any]:
-        pipe = self.client.pipeline(transaction=False)
-        for call in calls:
-            pipe.evalsha(self._registered[call.script].sha, len(call.keys), *call.keys,
-                         *call.args)
-        return list(pipe.execute(raise_on_error=False))
+    def run_many(self, calls: Sequence[Call], *, raise_errors: bool = True) -> list[Any]:
+        """Many script calls in one round trip (`execute`)."""
+        if not calls:
+            return []
+        return self.execute(lambda batch: [batch.script(call) for call in calls],
+                            raise_errors=raise_errors)
+
+
+class Batch:
+    """A pipeline whose script calls go by sha as plain EVALSHAs: a redis-py pipeline that
+    carries Script objects sends SCRIPT EXISTS first, one more round trip every time.
+    Other commands are the pipeline's own."""
+
+    def __init__(self, pipe: Any, scripts: Scripts) -> None:
+        self.pipe = pipe
+        self._scripts = scripts
+        self.calls: dict[int, Call] = {}  # position in the pipeline → the script call
+
+    def script(self, call: Call) -> None:
+        self.calls[len(self.pipe)] = call
+        self.pipe.evalsha(self._scripts.sha(call.script), len(call.keys), *call.keys,
+                          *call.args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.pipe, name)
+
+    def __len__(self) -> int:
+        return len(self.pipe)
 
 
 # -- call builders, one per script -------------------------------------------------------

@@ -17,8 +17,9 @@ from common.clock import monotonic
 from common.keys import GROUP_SCHEDULERS, GROUP_WORKERS
 from common.logging import get_logger
 from common.models import JobSubmission
+from common.scripts import Batch
 from common.streams import ensure_group
-from scheduler.context import Batch, Context
+from scheduler.context import Context
 
 log = get_logger("scheduler")
 

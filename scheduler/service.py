@@ -25,8 +25,9 @@ from common.clock import monotonic
 from common.keys import GROUP_SCHEDULERS, Keys
 from common.logging import get_logger
 from common.redis import connect
+from common.scripts import Batch
 from common.settings import Settings
-from scheduler.context import Batch, Context, new_scheduler_id
+from scheduler.context import Context, new_scheduler_id
 from scheduler.cron import CronFirer
 from scheduler.duties import Duties
 from scheduler.loopstats import LoopStats

@@ -107,6 +107,9 @@ class FakePipe:
         self.sink, self.fail, self.answer, self.cap, self.ops = sink, fail, answer, cap, []
         self.replies: list[Any] = []
 
+    def __len__(self) -> int:  # commands queued so far: one reply each
+        return len(self.replies)
+
     def evalsha(self, sha: str, numkeys: int, *rest: Any) -> None:
         keys, args = list(rest[:numkeys]), list(rest[numkeys:])
         if sha == "progress":
