@@ -35,6 +35,7 @@ SCRIPT_NAMES = (
     "cron_advance",
     "progress",
     "log_append",
+    "mirror_read",
 )
 
 
@@ -471,3 +472,14 @@ def log_append(
         [keys.log(job_id)],
         [maxlen, keys.log_channel(job_id) if publish else "", publish, *lines],
     )
+
+
+def mirror_read(keys: Keys, job_ids: Sequence[str], fields: Sequence[str],
+                log_len_of: set[str]) -> Call:
+    """The recorder's read of a batch: `fields` of every job's hash, and the length of the
+    log stream of the jobs in `log_len_of` (-1 for the others)."""
+    flat_keys: list[str] = []
+    for job_id in job_ids:
+        flat_keys += [keys.job(job_id), keys.log(job_id)]
+    return Call("mirror_read", flat_keys,
+                [len(fields), *fields, *("1" if j in log_len_of else "0" for j in job_ids)])

@@ -43,7 +43,7 @@ class Settings(BaseSettings):
     reap_interval_s: float = 2.0
     max_deliveries: int = 3  # a job lost with its worker more often fails as poison
     recorder: bool = True  # run the recorder inside the scheduler process
-    recorder_batch: int = 500
+    recorder_batch: int = 1000
 
     stale_after_s: float = 3600.0  # a job queued longer (and not asking otherwise) expires
     max_active_per_user: int = 100_000  # accepted and not finished, per user (429 above)

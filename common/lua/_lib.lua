@@ -21,6 +21,17 @@ local function emit(events, maxlen, job_key, job_id, state, at, by, extra)
   return seq
 end
 
+-- emit() for a script that already read the job's `seq` and writes it back in its own HSET
+-- of the job (seq = the new number): one command less per event on the hot path.
+local function emit_seq(events, maxlen, seq, job_id, state, at, by, extra)
+  local args = {'XADD', events, 'MAXLEN', '~', maxlen, '*',
+                'job', job_id, 'seq', seq, 'state', state, 'at', at, 'by', by}
+  if extra then
+    for i = 1, #extra do args[#args + 1] = extra[i] end
+  end
+  redis.call(unpack(args))
+end
+
 local function is_terminal(state)
   return state == 'completed' or state == 'failed' or state == 'cancelled' or state == 'expired'
 end
@@ -60,8 +71,10 @@ local function enqueue(k, id, now, step, base)
   return 'priority'
 end
 
--- Give back what a dispatched or running job held in the resource ledger.
-local function release_resources(job, ledger)
+-- Give back what a dispatched or running job held in the resource ledger. held: the
+-- job's res_held field if the caller read it already (nil: read here).
+local function release_resources(job, ledger, held)
+  if held ~= nil and held ~= '1' then return end
   local r = redis.call('HMGET', job, 'res_cpu', 'res_mem', 'res_gpu', 'res_held')
   if r[4] == '1' then
     redis.call('HINCRBYFLOAT', ledger, 'cpu', -(tonumber(r[1]) or 0))
@@ -73,8 +86,9 @@ end
 
 -- A job reached a terminal state: queue its follow-up for the schedulers (hand its host
 -- to the next waiter, resolve its dependents, count it off its owner's active jobs).
-local function settle(stream, job, id, state)
-  local h = redis.call('HMGET', job, 'owner', 'host')
+-- known: the job's {owner, host} if the caller read them already (nil: read here).
+local function settle(stream, job, id, state, known)
+  local h = known or redis.call('HMGET', job, 'owner', 'host')
   redis.call('XADD', stream, '*', 'id', id, 'state', state, 'owner', h[1] or '',
              'host', h[2] or '')
 end

@@ -36,14 +36,14 @@ local exit_code, result, err, reason = ARGV[4], ARGV[5], ARGV[6], ARGV[7]
 local maxlen, ttl, retry_ms, worker = ARGV[8], tonumber(ARGV[9]), tonumber(ARGV[10]), ARGV[11]
 
 local h = redis.call('HMGET', job, 'state', 'dispatch_id', 'id', 'attempt', 'retries', 'cancel',
-                     'lost', 'retry_base', 'handed_back')
+                     'lost', 'retry_base', 'handed_back', 'seq', 'res_held', 'owner', 'host')
 if not h[1] then return -3 end
 if h[2] ~= token then return -1 end
 if h[1] ~= 'running' then return -2 end
 
 redis.call('XACK', stream, group, token)
 redis.call('XDEL', stream, token)
-release_resources(job, ledger)
+release_resources(job, ledger, h[11] or '')
 local now = now_ms()
 local id, attempt, retries = h[3], tonumber(h[4]) or 1, tonumber(h[5]) or 0
 -- attempts lost with their worker or handed back by it, and those before a manual retry,
@@ -51,8 +51,9 @@ local id, attempt, retries = h[3], tonumber(h[4]) or 1, tonumber(h[5]) or 0
 local spent = attempt - (tonumber(h[7]) or 0) - (tonumber(h[8]) or 0) - (tonumber(h[9]) or 0)
 if h[6] == '1' then outcome = 'cancelled'; reason = 'cancelled' end
 
+local seq = (tonumber(h[10]) or 0) + 1  -- written with the state, then emitted
 local fields = {'exit_code', exit_code, 'result', result, 'error', err, 'reason', reason,
-                'dispatch_id', ''}
+                'dispatch_id', '', 'seq', seq}
 for i = 12, #ARGV, 2 do
   fields[#fields + 1] = ARGV[i]
   fields[#fields + 1] = ARGV[i + 1]
@@ -62,15 +63,15 @@ if outcome == 'failed' and spent <= retries then
   redis.call('ZADD', delayed, due, id)
   redis.call('HSET', job, 'state', 'retrying', 'wait_reason', 'retry', 'retry_at', due,
              unpack(fields))
-  emit(events, maxlen, job, id, 'retrying', now, worker,
-       {'attempt', attempt, 'reason', reason, 'retry_at', due})
+  emit_seq(events, maxlen, seq, id, 'retrying', now, worker,
+           {'attempt', attempt, 'reason', reason, 'retry_at', due})
   return 'retrying'
 end
 
 redis.call('HSET', job, 'state', outcome, 'finished_at', now, 'wait_reason', '', unpack(fields))
-emit(events, maxlen, job, id, outcome, now, worker,
-     {'attempt', attempt, 'exit_code', exit_code, 'reason', reason})
-settle(settle_stream, job, id, outcome)
+emit_seq(events, maxlen, seq, id, outcome, now, worker,
+         {'attempt', attempt, 'exit_code', exit_code, 'reason', reason})
+settle(settle_stream, job, id, outcome, {h[12], h[13]})
 redis.call('EXPIRE', job, ttl)
 redis.call('EXPIRE', log, ttl)
 redis.call('XADD', done, 'MAXLEN', 1, '*', 'state', outcome)

@@ -26,11 +26,12 @@ local out = {}
 
 for i = 1, #KEYS - 3 do
   local job, entry = KEYS[3 + i], ARGV[3 + i]
-  local h = redis.call('HMGET', job, 'state', 'dispatch_id', 'id', 'spec')
+  local h = redis.call('HMGET', job, 'state', 'dispatch_id', 'id', 'spec', 'attempt', 'seq')
   if h[1] == 'dispatched' and h[2] == entry then
-    local attempt = redis.call('HINCRBY', job, 'attempt', 1)
-    redis.call('HSET', job, 'state', 'running', 'worker', worker, 'started_at', now)
-    emit(events, maxlen, job, h[3], 'running', now, worker, {'attempt', attempt})
+    local attempt, seq = (tonumber(h[5]) or 0) + 1, (tonumber(h[6]) or 0) + 1
+    redis.call('HSET', job, 'state', 'running', 'worker', worker, 'started_at', now,
+               'attempt', attempt, 'seq', seq)
+    emit_seq(events, maxlen, seq, h[3], 'running', now, worker, {'attempt', attempt})
     out[i] = {h[3], attempt, h[4], lease}
   else
     redis.call('XACK', stream, group, entry)

@@ -22,7 +22,7 @@ from common.keys import GROUP_RECORDER, GROUP_SCHEDULERS, Keys
 from common.settings import Settings
 from common.streams import ensure_group
 from common.tables import JobRecord
-from scheduler.recorder import Recorder, job_row
+from scheduler.recorder import FULL_COLUMNS, Recorder, job_row, job_values
 from tests.integration.harness import Harness
 
 
@@ -238,6 +238,39 @@ def test_recorder_mirrors_usage_and_times_idempotently(
     before = [tuple(x) for x in Session(rec.engine).exec(select(JobRecord)).all()]
     rec.catch_up()
     assert [tuple(x) for x in Session(rec.engine).exec(select(JobRecord)).all()] == before
+    rec.engine.dispose()
+
+
+def test_job_values_is_job_row_in_table_order() -> None:
+    hashes = [
+        {"created_at": "1000", "started_at": "1200", "finished_at": "1300", "state": "completed",
+         "owner": "alice", "queue": "q", "kind": "python", "priority": "0", "attempt": "2",
+         "exit_code": "0", "result": "[1]", "cpu_s": "0.5", "peak_rss_kb": "77", "host": "h1"},
+        {"state": "queued", "priority": "", "attempt": "x", "cpu_s": "nan?", "owner": ""},
+        {},
+    ]
+    for hash_ in hashes:
+        row = job_row("j", hash_, 7)
+        assert job_values("j", hash_, 7) == tuple(row[c] for c in FULL_COLUMNS)
+
+
+def test_the_recorder_copies_only_logs_that_exist(
+    h: Harness, r: redis.Redis, settings: Settings
+) -> None:
+    h.worker("w1", slots=4)
+    quiet, chatty = h.submit(), h.submit()
+    h.step()
+    h.take("w1")
+    r.xadd(h.keys.log(chatty), {"s": "o", "t": "1", "l": "hello"})
+    h.finish(quiet)
+    h.finish(chatty)
+    rec = Recorder(settings, r)
+    before = calls(r, "xrange")
+    rec.catch_up()
+    assert calls(r, "xrange") - before == 1  # the chatty job's log only
+    with rec.engine.connect() as conn:
+        lines = conn.execute(text("SELECT job_id, text FROM logs")).all()
+    assert [tuple(x) for x in lines] == [(chatty, "hello")]
     rec.engine.dispose()
 
 
