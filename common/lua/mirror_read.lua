@@ -13,9 +13,10 @@ local fields = {}
 for i = 1, nfields do fields[i] = ARGV[1 + i] end
 local out = {}
 for i = 1, #KEYS / 2 do
-  local values = redis.call('HMGET', KEYS[2 * i - 1], unpack(fields))
+  local job, log = KEYS[2 * i - 1], KEYS[2 * i]
+  local values = redis.call('HMGET', job, unpack(fields))
   local loglen = -1
-  if ARGV[nfields + 1 + i] == '1' then loglen = redis.call('XLEN', KEYS[2 * i]) end
+  if ARGV[nfields + 1 + i] == '1' then loglen = redis.call('XLEN', log) end
   out[i] = {values, loglen}
 end
 return out
