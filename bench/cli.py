@@ -24,6 +24,7 @@ from typing import Any
 
 from bench import phases, report
 from bench.env import ROOT, SOURCE, Services, Tidal, Valkey, log, machine, versions
+from bench.peers import PEERS, make, missing_runtime
 
 WORKLOADS = ("submit", "drain", "latency", "logs", "profile", "scale")
 RESULTS = ROOT / "bench" / "results"
@@ -36,9 +37,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                     help="smaller counts (drain 2,000 jobs; scale up to 100k): ~10 minutes")
     ap.add_argument("--only", default="", help=f"comma list of {', '.join(WORKLOADS)}")
     ap.add_argument("--peers", action=argparse.BooleanOptionalAction, default=True,
-                    help="also run arq, RQ, Celery and Dramatiq (default: yes)")
-    ap.add_argument("--peer", action="append", default=None,
-                    help="only this peer (repeat): dramatiq, arq, celery, rq")
+                    help="also run arq, RQ, Celery and Dramatiq, and BullMQ where node and "
+                         "npm are on PATH (default: yes)")
+    ap.add_argument("--peer", action="append", default=None, choices=list(PEERS),
+                    help="only this peer (repeat)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--jobs", type=int, default=None, help="drain N (default 10,000; quick 2,000)")
     ap.add_argument("--drain-max-s", type=float, default=None,
@@ -157,16 +159,24 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def load_peers(run: Run, valkey: Valkey, services: Services) -> list[Any]:
-    from bench.peers import PEERS, Peer
-
     peers = []
     for name in run.args.peer or list(PEERS):
-        peer = Peer(PEERS[name], valkey, services)
+        spec = PEERS[name]
+        why = missing_runtime(spec)
+        if why:  # BullMQ without Node: a note, not an error
+            log(f"skipping {name}: {why}")
+            run.res.setdefault("skipped_peers", {})[name] = why
+            continue
+        peer = make(spec, valkey, services)
         version = run.guard(f"install {name}", peer.ensure)
         if version:
             run.res["versions"][name] = version
+            run.res["versions"].update({f"{name}:{k}": v for k, v in peer.extra_versions().items()})
+            # report.py keeps "best Python peer" (the 4× target) apart from BullMQ
+            run.res["peers"].setdefault(name, {})["runtime"] = spec.runtime
             peers.append(peer)
     return peers
+
 
 if __name__ == "__main__":
     sys.exit(main())
