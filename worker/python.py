@@ -40,6 +40,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import traceback
 from collections.abc import Callable, Iterable
 from dataclasses import replace
@@ -51,19 +52,69 @@ import orjson
 from common.clock import monotonic
 from common.scripts import Outcome
 from worker import calls
-from worker.calls import BUILTIN_MODULE, MAX_RESULT_BYTES, is_allowed
+from worker.calls import BUILTIN_MODULE, MAX_RESULT_BYTES, ProgressReport, is_allowed
 from worker.job import JobRun, abort_outcome
-from worker.output import LogWriter, text_chunks
+from worker.output import LogWriter, Stream, text_chunks
 from worker.shell import Limits, job_env, run_process
 
-__all__ = ["BUILTIN_MODULE", "MAX_RESULT_BYTES", "JobContext", "is_allowed", "run_python",
-           "run_python_isolated"]
+__all__ = ["BUILTIN_MODULE", "MAX_RESULT_BYTES", "JobContext", "LazyLog", "is_allowed",
+           "run_python", "run_python_isolated"]
+
+
+class LazyLog:
+    """A job's LogWriter, made only when the job first writes to its log: most python
+    jobs never do, and a writer costs more to make than such a job costs to run. Lines
+    and progress go to the writer in the order they come, as if it had always been
+    there. `close` closes the writer if there is one."""
+
+    def __init__(self, make: Callable[[], LogWriter]) -> None:
+        self._make = make
+        self._writer: LogWriter | None = None
+        self._token: str | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def writer(self) -> LogWriter | None:
+        """The writer, if one was made."""
+        return self._writer
+
+    def get(self) -> LogWriter:
+        writer = self._writer
+        if writer is None:
+            with self._lock:  # a job may log from threads of its own
+                if self._writer is None:
+                    made = self._make()
+                    if self._token is not None:
+                        made.bind(self._token)
+                    self._writer = made
+                writer = self._writer
+        return writer
+
+    def bind(self, token: str) -> None:
+        with self._lock:
+            self._token = token
+            if self._writer is not None:
+                self._writer.bind(token)
+
+    def add(self, stream: Stream, text: str) -> None:
+        self.get().add(stream, text)
+
+    def add_chunks(self, stream: Stream, chunks: list[tuple[str, bool]]) -> None:
+        self.get().add_chunks(stream, chunks)
+
+    def progress(self, report: ProgressReport) -> None:
+        self.get().progress(report)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
 
 
 class JobContext:
     """What a python job may use to talk to Tidal while it runs."""
 
-    def __init__(self, run: JobRun, writer: LogWriter, deadline: float, line_max: int) -> None:
+    def __init__(self, run: JobRun, writer: LogWriter | LazyLog, deadline: float,
+                 line_max: int) -> None:
         self._run = run
         self._writer = writer
         self._deadline = deadline
@@ -80,7 +131,7 @@ class JobContext:
     @property
     def cancelled(self) -> bool:
         """True once the function should stop: cancelled, timed out, or shutting down."""
-        return self._run.aborted.is_set() or monotonic() >= self._deadline
+        return self._run.abort_reason is not None or monotonic() >= self._deadline
 
     def wait(self, seconds: float) -> bool:
         """Sleep up to `seconds`, waking at once when cancelled; True if the job should stop."""
@@ -116,7 +167,7 @@ def _encode(value: Any) -> Outcome:
 
 def run_python(
     run: JobRun,
-    writer: LogWriter,
+    writer: LogWriter | LazyLog,
     *,
     allowed: Iterable[str],
     timeout_s: float,

@@ -3,8 +3,13 @@
 Threads (STYLE.md item 8):
 - the consumer (the thread that calls `run()`): XREADGROUP for free slots only, then ONE
   start.lua call per queue for the whole batch, then hands each job to the runner pool;
-- a bounded pool of `slots` runner threads: execute a job, flush its log, queue its
-  outcome for the finisher;
+- up to `slots` runner threads, fed from one ready queue: execute a job, flush its log,
+  queue its outcome for the finisher. A batch wakes one runner per job, except that the
+  python jobs (thread mode) of a function whose last run took under QUICK_S are run one
+  after the other by ONE runner: waking a thread costs more than such a job. Should one
+  of them take long after all, the consumer sees jobs waiting in the ready queue for
+  over STALL_S and wakes more runners (`_unstall`), so no job waits behind another for
+  longer than that;
 - the finisher thread: finish.lua for every queued outcome in ONE pipelined round trip
   (group commit: what finished while the last batch was on the wire goes in the next), then
   frees those slots;
@@ -26,6 +31,7 @@ job running in a thread cannot be stopped: it is handed back and dies with the p
 from __future__ import annotations
 
 import contextvars
+import logging
 import os
 import secrets
 import socket
@@ -33,11 +39,9 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
 from typing import Any
 
-import orjson
 import psutil
 import redis
 from structlog.contextvars import bound_contextvars
@@ -52,14 +56,16 @@ from common.redis import connect
 from common.settings import Settings
 from common.streams import ensure_group
 from worker.cgroup import Cgroups
-from worker.job import CANCELLED, LOST, SHUTDOWN, JobRun
+from worker.job import CANCELLED, LOST, SHUTDOWN, JobRun, parse_spec
 from worker.options import WorkerOptions
 from worker.output import Flusher, LogWriter
-from worker.python import BUILTIN_MODULE, run_python, run_python_isolated
+from worker.python import BUILTIN_MODULE, LazyLog, run_python, run_python_isolated
 from worker.shell import DRAIN_S, Limits, job_env, run_process
 
 VERSION = "0.1.0"
 FINISH_TRIES_WHEN_STOPPING = 5
+QUICK_S = 0.002  # a python function whose last run took less is run in batches …
+STALL_S = 0.005  # … and a job that waited this long in the ready queue gets its own runner
 
 log = get_logger("tidal.worker")
 
@@ -102,12 +108,18 @@ class Worker:
         self._running: dict[str, JobRun] = {}
         self._backlog: deque[Entry] = deque()
         self._unsure: set[str] = set()  # entries whose start call failed midway
-        self._pool = ThreadPoolExecutor(max_workers=self.slots, thread_name_prefix="tidal-run")
+        self._ready: deque[tuple[JobRun, float]] = deque()  # (run, monotonic time queued)
+        self._ready_cond = threading.Condition(threading.Lock())
+        self._idle_runners = 0  # runners waiting for work that no notify has woken yet
+        self._runners: list[threading.Thread] = []
+        self._quick: dict[str, bool] = {}  # python function → its last run was quick
         self._flusher = Flusher()
         self.cgroups: Cgroups | None = None
         self._confirm_lock = threading.Lock()
         self._finishing = threading.Condition()
         self._to_finish: list[tuple[JobRun, sc.Outcome, sc.Call]] = []
+        self._finisher_idle = False  # the finisher waits for outcomes (needs a notify)
+        self._log_finished = True  # "job finished" lines are logged (INFO enabled)
         self.abandoned = 0  # python jobs still executing when run() returned
         self.handed_back = 0  # jobs requeued at shutdown
 
@@ -116,6 +128,7 @@ class Worker:
     def run(self) -> None:
         """Serve until `stop()`; returns when every job has been finished or handed back."""
         with bound_contextvars(worker_id=self.id):
+            self._log_finished = log.is_enabled_for(logging.INFO)
             log.info("worker starting", queues=self.queues, slots=self.slots,
                      python_isolation=self.options.python_isolation)
             helpers: list[threading.Thread] = []
@@ -187,6 +200,8 @@ class Worker:
         docstring): stop them, wait for their runners to kill the process trees and hand
         them back; python jobs in threads cannot be stopped, so they are handed back from
         here and die with the process."""
+        with self._ready_cond:  # the consumer no longer watches the ready queue
+            self._wake_runners(len(self._ready))
         self._wait_idle(self.grace_s)
         with self._slots:
             left = list(self._running.values())
@@ -230,7 +245,9 @@ class Worker:
         self._flusher.stop()
         for thread in helpers:
             thread.join(timeout=5.0)
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        with self._ready_cond:  # idle runners leave; one stuck in a job dies with the process
+            self._ready.clear()
+            self._ready_cond.notify_all()
         if helpers:  # it had started: leave nothing behind in Redis
             self._leave()
         if self.cgroups is not None:
@@ -243,6 +260,7 @@ class Worker:
     def _consume(self) -> None:
         failures = 0
         while not self._stop.is_set():
+            self._unstall()
             free = self._wait_for_slot()
             if free <= 0:
                 continue
@@ -259,9 +277,15 @@ class Worker:
                 self._stop.wait(retry_delay_s(failures, 0.1, 2.0, 5.0))
 
     def _wait_for_slot(self) -> int:
+        """Free slots, once there are some; 0 (to look at the ready queue first) after
+        STALL_S while jobs wait there."""
         with self._slots:
             while not self._stop.is_set() and len(self._running) >= self.slots:
-                self._slots.wait()
+                if self._ready:
+                    if not self._slots.wait(STALL_S):
+                        return 0
+                else:
+                    self._slots.wait()
             return 0 if self._stop.is_set() else self.slots - len(self._running)
 
     def _ensure_groups(self) -> None:
@@ -276,9 +300,9 @@ class Worker:
         queues a read may bring more than `count`; the rest waits for free slots)."""
         streams: dict[Any, Any] = {self.keys.dispatch(q): ">" for q in self.queues}
         queue_of = {self.keys.dispatch(q): q for q in self.queues}
-        reply = self.client.xreadgroup(
-            GROUP_WORKERS, self.id, streams, count=count, block=self.block_ms
-        )
+        # while jobs wait for a runner, come back soon to see that they got one
+        block = min(self.block_ms, int(STALL_S * 1000)) if self._ready else self.block_ms
+        reply = self.client.xreadgroup(GROUP_WORKERS, self.id, streams, count=count, block=block)
         for stream, items in _stream_items(reply):
             for entry_id, fields in items:
                 job_id = (fields or {}).get("id")
@@ -308,9 +332,13 @@ class Worker:
                                 events_maxlen=self.settings.events_maxlen)
                 sent_at = monotonic()
                 rows = self.scripts.run(call)
+                runs: list[JobRun] = []
                 for (entry_id, _), row in zip(entries, rows, strict=True):
                     done.add(entry_id)
-                    self._launch(queue, entry_id, row, sent_at)
+                    run = self._launch(queue, entry_id, row, sent_at)
+                    if run is not None:
+                        runs.append(run)
+                self._hand_out(runs)
         except redis.RedisError:
             left = [item for item in batch if item[1] not in done]
             self._unsure.update(entry_id for _, entry_id, _ in left)
@@ -327,57 +355,127 @@ class Worker:
         for _, _, job_id in unsure:
             pipe.hmget(self.keys.job(job_id), "state", "dispatch_id", "worker", "attempt", "spec")
         started = set()
+        runs: list[JobRun] = []
         for (queue, entry_id, job_id), h in zip(unsure, pipe.execute(), strict=True):
             if h[0] == "running" and h[1] == entry_id and h[2] == self.id:
                 started.add(entry_id)
-                self._launch(queue, entry_id, [job_id, int(h[3]), h[4]])
+                run = self._launch(queue, entry_id, [job_id, int(h[3]), h[4]])
+                if run is not None:
+                    runs.append(run)
+        self._hand_out(runs)
         self._unsure.difference_update(entry_id for _, entry_id, _ in unsure)
         return [item for item in batch if item[1] not in started]
 
     def _launch(self, queue: str, entry_id: str, row: list[Any],
-                sent_at: float = float("-inf")) -> None:
-        """Hand a job start.lua started to a runner. The row's 4th value is what was left
-        of this worker's lease when start.lua ran (sent at `sent_at`): the job is ours at
-        least until then, which counts as a heartbeat that confirmed it (`_still_ours`),
-        so a job starts without a heartbeat of its own."""
+                sent_at: float = float("-inf")) -> JobRun | None:
+        """The run of a job start.lua started, for `_hand_out` (None: nothing to run).
+        The row's 4th value is what was left of this worker's lease when start.lua ran
+        (sent at `sent_at`): the job is ours at least until then, which counts as a
+        heartbeat that confirmed it (`_still_ours`), so a job starts without a heartbeat
+        of its own. A spec that does not parse fails the job at once."""
         job_id, attempt, spec_json = str(row[0]), int(row[1]), row[2]
         if attempt == 0:
             log.debug("dispatch entry skipped", job_id=job_id, entry=entry_id)
-            return
+            return None
         try:
-            spec = JobSubmission.model_validate(orjson.loads(spec_json))
+            spec = parse_spec(spec_json)
         except ValueError as exc:
             log.error("job spec unreadable", job_id=job_id, error=str(exc))
-            bad = JobRun(job_id, queue, entry_id, attempt, JobSubmission(command=["true"]))
+            bad = JobRun(job_id, queue, entry_id, attempt, _NO_SPEC)
+            with self._slots:  # the finisher frees the slot: take it first
+                self._take_slot(bad)
             error = f"invalid spec: {exc}"
-            self._finish(bad, sc.Outcome("failed", None, error=error, reason="invalid_spec"))
-            return
+            if not self._finish(bad, sc.Outcome("failed", None, error=error,
+                                                reason="invalid_spec")):
+                self._release(bad)
+            return None
         run = JobRun(job_id, queue, entry_id, attempt, spec)
         lease_ms = int(row[3]) if len(row) > 3 else -1
         if lease_ms > 0:  # as if a heartbeat had renewed the lease at its expiry − TTL
             run.confirmed_at = sent_at + lease_ms / 1000 - self.settings.worker_ttl_s
-        with self._slots:
-            stale = self._running.get(job_id)
-            self._running[job_id] = run
+        return run
+
+    def _take_slot(self, run: JobRun) -> None:
+        """Count `run` as running (the caller holds `_slots`). A run of the same job still
+        here was reclaimed while this worker was away (frozen past its TTL), since
+        start.lua just gave the job a new attempt: that copy is stopped."""
+        stale = self._running.get(run.job_id)
+        self._running[run.job_id] = run
         if stale is not None and stale.abort(LOST):
-            # start.lua just gave the job a new attempt here, so the one this worker still
-            # runs was reclaimed while it was away (frozen past its TTL): stop that copy
-            log.warning("a newer attempt replaces a stale one", job_id=job_id,
-                        stale=stale.attempt, attempt=attempt)
-        self._pool.submit(contextvars.copy_context().run, self._run_job, run)
+            log.warning("a newer attempt replaces a stale one", job_id=run.job_id,
+                        stale=stale.attempt, attempt=run.attempt)
+
+    def _hand_out(self, runs: list[JobRun]) -> None:
+        """Count a batch of runs as running and queue them for the runners: a runner
+        woken per job, but one for all the quick python jobs of the batch."""
+        if not runs:
+            return
+        with self._slots:
+            for run in runs:
+                self._take_slot(run)
+        quick = sum(1 for run in runs if self._is_quick(run))
+        with self._ready_cond:
+            now = monotonic()
+            self._ready.extend((run, now) for run in runs)
+            self._wake_runners(len(runs) - quick + (1 if quick else 0))
+
+    def _is_quick(self, run: JobRun) -> bool:
+        return self._quick.get(run.spec.function or "", False) and self._in_thread(run)
+
+    def _wake_runners(self, wanted: int) -> None:
+        """Wake up to `wanted` idle runners, starting new ones (up to `slots`) when too
+        few are idle. The caller holds `_ready_cond`."""
+        wake = min(wanted, self._idle_runners)
+        if wake > 0:
+            self._idle_runners -= wake
+            self._ready_cond.notify(wake)
+        new = min(wanted - wake, self.slots - len(self._runners))
+        for _ in range(max(0, new)):
+            name = f"tidal-run_{len(self._runners)}"
+            self._runners.append(self._thread(self._runner_loop, name))
+
+    def _unstall(self) -> None:
+        """Wake a runner for every job that waited in the ready queue for over STALL_S
+        (a quick function's run that took long holds up the batch behind it), and stop
+        counting as quick the functions whose runs go on past QUICK_S."""
+        if not self._ready:
+            return
+        now = monotonic()
+        with self._ready_cond:
+            stalled = sum(1 for _, at in self._ready if now - at >= STALL_S)
+            if stalled:
+                self._wake_runners(stalled)
+        if stalled:
+            with self._slots:
+                runs = list(self._running.values())
+            for run in runs:
+                if run.began_at is not None and now - run.began_at >= QUICK_S \
+                        and self._in_thread(run):
+                    self._quick[run.spec.function or ""] = False
 
     # -- runner threads ----------------------------------------------------------------
 
+    def _runner_loop(self) -> None:
+        """Run jobs from the ready queue until the worker halts."""
+        while True:
+            with self._ready_cond:
+                while not self._ready:
+                    if self._halt.is_set():
+                        return
+                    self._idle_runners += 1
+                    self._ready_cond.wait()
+                run, _ = self._ready.popleft()
+            # each job in a context of its own, so what one sets is not seen by the next
+            contextvars.copy_context().run(self._run_job, run)
+
     def _run_job(self, run: JobRun) -> None:
+        if self._in_thread(run):
+            self._run_in_thread(run)
+            return
         queued = False  # once the finisher has the outcome, it frees the slot
         with bound_contextvars(job_id=run.job_id, attempt=run.attempt):
             try:
-                writer = LogWriter(
-                    self.client, self.keys, run.job_id,
-                    flush_ms=self.settings.log_flush_ms, max_lines=self.settings.log_max_lines,
-                    max_bytes=self.options.log_max_bytes,
-                    events_maxlen=self.settings.events_maxlen, scripts=self.scripts,
-                )
+                writer = self._writer(run)
                 outcome = self._execute(run, writer)
                 writer.close()
                 queued = self._finish(run, outcome)
@@ -389,6 +487,41 @@ class Worker:
             finally:
                 if not queued:
                     self._release(run)
+
+    def _run_in_thread(self, run: JobRun) -> None:
+        """A python job in this runner thread: no per-job log context (log calls name the
+        job), and a LogWriter only if the job writes to its log."""
+        queued = False
+        lazy = LazyLog(lambda: self._writer(run, flusher=True))
+        try:
+            try:
+                outcome = self._execute_in_thread(run, lazy)
+            finally:
+                if lazy.writer is not None:
+                    self._flusher.remove(lazy.writer)
+            lazy.close()
+            queued = self._finish(run, outcome)
+        except Exception as exc:  # a bug of the worker, not of the job
+            log.exception("job runner failed", job_id=run.job_id, attempt=run.attempt)
+            error = f"worker error: {exc!r}"
+            queued = self._finish(
+                run, sc.Outcome("failed", None, error=error, reason="worker_error"))
+        finally:
+            if not queued:
+                self._release(run)
+
+    def _writer(self, run: JobRun, *, flusher: bool = False) -> LogWriter:
+        """The job's LogWriter; with `flusher`, flushed on time by the flusher thread (a
+        python job's function cannot do it)."""
+        writer = LogWriter(
+            self.client, self.keys, run.job_id,
+            flush_ms=self.settings.log_flush_ms, max_lines=self.settings.log_max_lines,
+            max_bytes=self.options.log_max_bytes,
+            events_maxlen=self.settings.events_maxlen, scripts=self.scripts,
+        )
+        if flusher:
+            self._flusher.add(writer)
+        return writer
 
     def _in_thread(self, run: JobRun) -> bool:
         return run.kind == "python" and self.options.python_isolation == "thread"
@@ -419,25 +552,28 @@ class Worker:
                     time.sleep(retry_delay_s(failures, 0.1, 2.0, 5.0))
         return run.abort_reason is None
 
+    def _execute_in_thread(self, run: JobRun, lazy: LazyLog) -> sc.Outcome:
+        """Call a python job's function here, and note whether it was quick."""
+        s = self.settings
+        timeout_s = run.spec.timeout or s.default_timeout_s
+        if not self._still_ours(run):
+            return sc.Outcome("failed", None, error="not started: the attempt is no "
+                              "longer this worker's", reason=LOST)
+        run.began_at = began = monotonic()
+        outcome = run_python(run, lazy, allowed=self.allowed, timeout_s=timeout_s,
+                             line_max_bytes=s.log_line_max_bytes)
+        self._quick[run.spec.function or ""] = monotonic() - began < QUICK_S
+        return outcome
+
     def _execute(self, run: JobRun, writer: LogWriter) -> sc.Outcome:
+        """A shell job, or a python job in a child interpreter."""
         s = self.settings
         timeout_s = run.spec.timeout or s.default_timeout_s
         log.debug("job started", kind=run.kind, queue=run.queue)
-        if self._in_thread(run):
-            if not self._still_ours(run):
-                return sc.Outcome("failed", None, error="not started: the attempt is no "
-                                  "longer this worker's", reason=LOST)
-            self._flusher.add(writer)
-            try:
-                return run_python(
-                    run, writer, allowed=self.allowed, timeout_s=timeout_s,
-                    line_max_bytes=s.log_line_max_bytes,
-                )
-            finally:
-                self._flusher.remove(writer)
         cgroup = self.cgroups.job(f"{run.job_id}-{run.attempt}") if self.cgroups else None
         limits = Limits(timeout_s, s.kill_grace_s, s.log_line_max_bytes,
                         self.options.log_tail_bytes, cgroup, lambda: self._still_ours(run))
+        run.began_at = monotonic()
         try:
             if run.kind == "python":
                 return run_python_isolated(run, writer, allowed=self.allowed, limits=limits)
@@ -448,9 +584,14 @@ class Worker:
                 cgroup.remove()
 
     def _release(self, run: JobRun) -> None:
+        self._release_all([run])
+
+    def _release_all(self, runs: list[JobRun]) -> None:
+        """Free the slots of these runs, with one wake-up of whoever waits for a slot."""
         with self._slots:
-            if self._running.get(run.job_id) is run:
-                del self._running[run.job_id]
+            for run in runs:
+                if self._running.get(run.job_id) is run:
+                    del self._running[run.job_id]
             self._slots.notify_all()
 
     def _finish(self, run: JobRun, outcome: sc.Outcome) -> bool:
@@ -460,14 +601,17 @@ class Worker:
         if not run.claim_finish():
             return False
         if run.abort_reason == LOST:
-            log.warning("job lost to another attempt while this worker was away; not finished")
+            log.warning("job lost to another attempt while this worker was away; not finished",
+                        job_id=run.job_id, attempt=run.attempt)
             return False
         if run.abort_reason == SHUTDOWN:
             self._hand_back([run])
             return False
-        spec = run.spec
-        delay = retry_delay_s(run.attempt, spec.retry_delay, spec.retry_backoff,
-                              spec.retry_max_delay)
+        delay = 0.0  # finish.lua only uses it to retry a failure
+        if outcome.state == "failed":
+            spec = run.spec
+            delay = retry_delay_s(run.attempt, spec.retry_delay, spec.retry_backoff,
+                                  spec.retry_max_delay)
         call = sc.finish(
             self.keys, run.job_id, run.queue, run.token, outcome, worker=self.id,
             retry_delay_ms=int(delay * 1000), events_maxlen=self.settings.events_maxlen,
@@ -475,7 +619,8 @@ class Worker:
         )
         with self._finishing:
             self._to_finish.append((run, outcome, call))
-            self._finishing.notify()
+            if self._finisher_idle:  # else it takes this batch on its next round
+                self._finishing.notify()
         return True
 
     def _finish_loop(self) -> None:
@@ -484,7 +629,9 @@ class Worker:
         while True:
             with self._finishing:
                 while not self._to_finish and not self._halt.is_set():
+                    self._finisher_idle = True
                     self._finishing.wait(0.5)
+                    self._finisher_idle = False
                 batch, self._to_finish = self._to_finish, []
             if not batch:
                 return
@@ -509,23 +656,24 @@ class Worker:
                             jobs=len(batch))
                 time.sleep(retry_delay_s(tries, 0.1, 2.0, 5.0))
         for (run, outcome, _), result in zip(batch, results, strict=True):
-            with bound_contextvars(job_id=run.job_id, attempt=run.attempt):
-                self._report(run, outcome, result, tries)
-            self._release(run)
+            self._report(run, outcome, result, tries)
+        self._release_all([run for run, _, _ in batch])
 
     def _report(self, run: JobRun, outcome: sc.Outcome, result: Any, tries: int) -> None:
+        job = {"job_id": run.job_id, "attempt": run.attempt}
         if isinstance(result, Exception):
-            log.error("finish failed: left for the reaper", error=str(result))
+            log.error("finish failed: left for the reaper", error=str(result), **job)
         elif isinstance(result, str):
-            log.info("job finished", state=result, reason=outcome.reason or None,
-                     exit_code=outcome.exit_code)
+            if self._log_finished:
+                log.info("job finished", state=result, reason=outcome.reason or None,
+                         exit_code=outcome.exit_code, **job)
         elif result == -1 and tries > 1:
-            log.info("job finished (by the earlier try)", state=outcome.state)
+            log.info("job finished (by the earlier try)", state=outcome.state, **job)
         elif result == -1:
             log.warning("stale attempt: another attempt owns the job; outcome dropped",
-                        state=outcome.state)
+                        state=outcome.state, **job)
         else:
-            log.warning("finish refused", code=result, state=outcome.state)
+            log.warning("finish refused", code=result, state=outcome.state, **job)
 
     # -- handing back at shutdown --------------------------------------------------------
 

@@ -7,6 +7,7 @@ import sys
 import threading
 from typing import Any
 
+import orjson
 import psutil
 import pytest
 
@@ -15,9 +16,10 @@ from common.keys import Keys
 from common.models import JobSubmission
 from tests.support import wait_for
 from tests.unit.test_worker_output import FakeClient
-from worker.job import CANCELLED, JobRun
+from worker import calls
+from worker.job import CANCELLED, JobRun, PythonSpec, parse_spec
 from worker.output import LogWriter
-from worker.python import JobContext, run_python, run_python_isolated
+from worker.python import JobContext, LazyLog, run_python, run_python_isolated
 from worker.shell import Limits, run_shell
 
 ALLOWED = ("common.tasks", "tests.unit.test_worker_runners")
@@ -354,3 +356,86 @@ def test_reports_keep_their_place_among_lines_of_one_read() -> None:
     outcome, client = shell(make_run(command="printf 'a\\n::tidal progress 1\\nb\\n'"))
     assert outcome.state == "completed"
     assert entries(client) == ["a", "progress 1", "b"]
+
+
+# -- the worker's cheap paths: spec parsing, lazy log, cached lookups ----------------------
+
+
+def test_plain_python_spec_is_read_without_pydantic() -> None:
+    spec = parse_spec(b'{"kind":"python","function":"common.tasks:echo","args":[1],'
+                      b'"kwargs":{"a":2},"timeout":3,"retries":2,"retry_delay":0,'
+                      b'"queue":"q","tags":{"t":"v"}}')
+    assert isinstance(spec, PythonSpec)
+    assert (spec.function, spec.args, spec.kwargs, spec.timeout) == (
+        "common.tasks:echo", [1], {"a": 2}, 3.0)
+    assert (spec.retry_delay, spec.retry_backoff, spec.retry_max_delay) == (0.0, 2.0, 300.0)
+    assert (spec.env, spec.cwd, spec.argv()) == ({}, None, [])
+
+
+@pytest.mark.parametrize("doc", [
+    {"kind": "shell", "command": ["true"]},
+    {"command": "true"},
+    {"kind": "python", "function": "common.tasks:noop", "env": {"A": "1"}},
+    {"kind": "python", "function": "common.tasks:noop", "timeout": "5"},  # pydantic's lax
+    {"kind": "python", "function": "common.tasks:noop", "timeout": True},  # mode: 1.0
+])
+def test_other_specs_get_the_full_validation(doc: dict[str, Any]) -> None:
+    spec = parse_spec(orjson.dumps(doc))
+    assert isinstance(spec, JobSubmission)
+    assert spec == JobSubmission.model_validate(doc)
+
+
+@pytest.mark.parametrize("text", [
+    "{not json",
+    "[1, 2]",
+    '{"kind": "python"}',
+    '{"kind": "python", "function": "no colon"}',
+    '{"kind": "python", "function": "common.tasks:noop", "timeout": 0}',
+    '{"kind": "python", "function": "common.tasks:noop", "retry_backoff": 0.5}',
+    '{"kind": "python", "function": "common.tasks:noop", "args": {"a": 1}}',
+    '{"kind": "python", "function": "common.tasks:noop", "surprise": 1}',
+])
+def test_invalid_specs_raise_value_error(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_spec(text)
+
+
+def test_lazy_log_makes_no_writer_until_the_job_writes() -> None:
+    made: list[LogWriter] = []
+    client = FakeClient()
+
+    def make() -> LogWriter:
+        made.append(LogWriter(client, Keys("{p}"), "j1", flush_ms=10_000, max_lines=1000))
+        return made[-1]
+
+    quiet = LazyLog(make)
+    outcome = run_python(make_run(kind="python", function="common.tasks:noop"), quiet,
+                         allowed=ALLOWED, timeout_s=5, line_max_bytes=1024)
+    quiet.close()
+    assert outcome.state == "completed" and made == [] and quiet.writer is None
+    loud = LazyLog(make)
+    run = make_run(kind="python", function="tests.unit.test_worker_runners:with_ctx")
+    run_python(run, loud, allowed=ALLOWED, timeout_s=5, line_max_bytes=1024)
+    loud.close()
+    assert len(made) == 1 and made[0].token == "1-0"  # bound as the job started
+    assert lines(client, "o") == ["step 0", "step 1"]
+
+
+def test_function_lookups_are_remembered_but_the_allow_list_is_not() -> None:
+    func = calls.load("common.tasks:echo", ALLOWED)
+    assert calls.load("common.tasks:echo", ALLOWED) is func
+    with pytest.raises(calls.CallFailed) as refused:
+        calls.load("common.tasks:echo", ("elsewhere",))
+    assert refused.value.reason == "not_allowed"
+    assert calls.wants_ctx(with_ctx) and calls.wants_ctx(with_ctx)
+    assert not calls.wants_ctx(func)
+
+
+def test_a_run_makes_its_abort_event_only_when_asked() -> None:
+    run = make_run(kind="python", function="common.tasks:noop")
+    assert run._aborted is None
+    assert run.abort(CANCELLED)
+    assert run.aborted.is_set()  # made after the abort: set at once
+    other = make_run(kind="python", function="common.tasks:noop")
+    event = other.aborted
+    assert not event.is_set() and other.abort(CANCELLED) and event.is_set()
