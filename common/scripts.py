@@ -311,6 +311,27 @@ def finish(
     )
 
 
+def finish_batch(calls: Sequence[Call]) -> Call:
+    """Many `finish` calls as ONE finish.lua call (its batch mode): the worker's finisher
+    sends every outcome ready in one EVALSHA, not one per job (packing and parsing a
+    pipeline of N EVALSHAs was most of a worker's remaining CPU per job). The calls must
+    share the events/delayed/ledger/settle keys, the group, MAXLEN, TTL and worker id, as
+    one worker's do. The answer is a list with one answer per call, in order."""
+    first = calls[0]
+    shared_keys = [first.keys[2], first.keys[3], first.keys[5], first.keys[6]]
+    group, maxlen, ttl, worker = first.args[1], first.args[7], first.args[8], first.args[10]
+    keys: list[str] = list(shared_keys)
+    args: list[Any] = ["*", group, maxlen, ttl, worker]
+    for call in calls:
+        k, a = call.keys, call.args
+        if ([k[2], k[3], k[5], k[6]] != shared_keys
+                or (a[1], a[7], a[8], a[10]) != (group, maxlen, ttl, worker)):
+            raise ValueError("finish_batch: calls of different workers or settings")
+        keys += [k[0], k[1], k[4], k[7]]
+        usage = a[11:]
+        args += [a[0], a[2], a[3], a[4], a[5], a[6], a[9], len(usage) // 2, *usage]
+    return Call("finish", keys, args)
+
 def cancel(
     keys: Keys, job_id: str, queue: str, *, host: str | None = None, by: str,
     events_maxlen: int, ttl_s: int,

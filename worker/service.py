@@ -644,7 +644,7 @@ class Worker:
         while True:
             tries += 1
             try:
-                results = self.scripts.run_many([call for _, _, call in batch], raise_errors=False)
+                results = self._finish_calls([call for _, _, call in batch])
                 break
             except redis.RedisError as exc:
                 if self._stop.is_set() and tries >= FINISH_TRIES_WHEN_STOPPING:
@@ -658,6 +658,19 @@ class Worker:
         for (run, outcome, _), result in zip(batch, results, strict=True):
             self._report(run, outcome, result, tries)
         self._release_all([run for run, _, _ in batch])
+
+    def _finish_calls(self, calls: list[sc.Call]) -> list[Any]:
+        """Every outcome in ONE finish.lua call (batch mode). Should the script fail midway
+        (a damaged key: scripts don't roll back), each job is finished again by its own
+        call, so one bad job costs the others nothing: the token fences them, and those
+        the batch did finish answer -1 (done by the earlier try)."""
+        if len(calls) > 1:
+            try:
+                return list(self.scripts.run(sc.finish_batch(calls)))
+            except redis.ResponseError as exc:  # not a connection error: those are retried
+                log.warning("batch finish failed; finishing one by one", error=str(exc),
+                            jobs=len(calls))
+        return self.scripts.run_many(calls, raise_errors=False)
 
     def _report(self, run: JobRun, outcome: sc.Outcome, result: Any, tries: int) -> None:
         job = {"job_id": run.job_id, "attempt": run.attempt}

@@ -28,52 +28,92 @@
 -- ARGV[12..] what the attempt used, as field/value pairs for the job hash (peak_rss_kb, cpu_s)
 -- Returns the state written (completed, failed, cancelled, retrying), or
 --   -1 stale token (another attempt owns the job), -2 job not running, -3 no such job.
+--
+-- Batch mode (a worker's finisher: every outcome ready in one call), ARGV[1] = '*':
+-- KEYS[1] events stream, KEYS[2] delayed zset, KEYS[3] ledger hash, KEYS[4] settle stream,
+-- then per job: its job hash, dispatch stream, log stream, done stream;
+-- ARGV[2] consumer group, ARGV[3] events MAXLEN, ARGV[4] TTL s, ARGV[5] worker id,
+-- then per job: token, outcome, exit code, result, error text, reason, retry delay ms,
+-- n = number of usage field/value pairs, then those 2n values.
+-- Returns one answer per job, as above, in order.
 
-local job, stream, events, delayed, log, ledger, settle_stream, done = KEYS[1], KEYS[2],
-  KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8]
-local token, group, outcome = ARGV[1], ARGV[2], ARGV[3]
-local exit_code, result, err, reason = ARGV[4], ARGV[5], ARGV[6], ARGV[7]
-local maxlen, ttl, retry_ms, worker = ARGV[8], tonumber(ARGV[9]), tonumber(ARGV[10]), ARGV[11]
+-- k = {job, stream, events, delayed, log, ledger, settle, done}; a = {token, outcome,
+-- exit_code, result, err, reason, retry_ms, usage (flat field/value list)};
+-- c = {group, maxlen, ttl, worker, now}
+local function finish_one(k, a, c)
+  local job = k.job
+  local h = redis.call('HMGET', job, 'state', 'dispatch_id', 'id', 'attempt', 'retries',
+                       'cancel', 'lost', 'retry_base', 'handed_back', 'seq', 'res_held',
+                       'owner', 'host')
+  if not h[1] then return -3 end
+  if h[2] ~= a.token then return -1 end
+  if h[1] ~= 'running' then return -2 end
 
-local h = redis.call('HMGET', job, 'state', 'dispatch_id', 'id', 'attempt', 'retries', 'cancel',
-                     'lost', 'retry_base', 'handed_back', 'seq', 'res_held', 'owner', 'host')
-if not h[1] then return -3 end
-if h[2] ~= token then return -1 end
-if h[1] ~= 'running' then return -2 end
+  redis.call('XACK', k.stream, c.group, a.token)
+  redis.call('XDEL', k.stream, a.token)
+  release_resources(job, k.ledger, h[11] or '')
+  local now, outcome, reason = c.now, a.outcome, a.reason
+  local id, attempt, retries = h[3], tonumber(h[4]) or 1, tonumber(h[5]) or 0
+  -- attempts lost with their worker or handed back by it, and those before a manual retry,
+  -- spend no retry
+  local spent = attempt - (tonumber(h[7]) or 0) - (tonumber(h[8]) or 0) - (tonumber(h[9]) or 0)
+  if h[6] == '1' then outcome = 'cancelled'; reason = 'cancelled' end
 
-redis.call('XACK', stream, group, token)
-redis.call('XDEL', stream, token)
-release_resources(job, ledger, h[11] or '')
-local now = now_ms()
-local id, attempt, retries = h[3], tonumber(h[4]) or 1, tonumber(h[5]) or 0
--- attempts lost with their worker or handed back by it, and those before a manual retry,
--- spend no retry
-local spent = attempt - (tonumber(h[7]) or 0) - (tonumber(h[8]) or 0) - (tonumber(h[9]) or 0)
-if h[6] == '1' then outcome = 'cancelled'; reason = 'cancelled' end
+  local seq = (tonumber(h[10]) or 0) + 1  -- written with the state, then emitted
+  local fields = {'exit_code', a.exit_code, 'result', a.result, 'error', a.err,
+                  'reason', reason, 'dispatch_id', '', 'seq', seq}
+  for i = 1, #a.usage do fields[#fields + 1] = a.usage[i] end
+  if outcome == 'failed' and spent <= retries then
+    local due = now + a.retry_ms
+    redis.call('ZADD', k.delayed, due, id)
+    redis.call('HSET', job, 'state', 'retrying', 'wait_reason', 'retry', 'retry_at', due,
+               unpack(fields))
+    emit_seq(k.events, c.maxlen, seq, id, 'retrying', now, c.worker,
+             {'attempt', attempt, 'reason', reason, 'retry_at', due})
+    return 'retrying'
+  end
 
-local seq = (tonumber(h[10]) or 0) + 1  -- written with the state, then emitted
-local fields = {'exit_code', exit_code, 'result', result, 'error', err, 'reason', reason,
-                'dispatch_id', '', 'seq', seq}
-for i = 12, #ARGV, 2 do
-  fields[#fields + 1] = ARGV[i]
-  fields[#fields + 1] = ARGV[i + 1]
-end
-if outcome == 'failed' and spent <= retries then
-  local due = now + retry_ms
-  redis.call('ZADD', delayed, due, id)
-  redis.call('HSET', job, 'state', 'retrying', 'wait_reason', 'retry', 'retry_at', due,
+  redis.call('HSET', job, 'state', outcome, 'finished_at', now, 'wait_reason', '',
              unpack(fields))
-  emit_seq(events, maxlen, seq, id, 'retrying', now, worker,
-           {'attempt', attempt, 'reason', reason, 'retry_at', due})
-  return 'retrying'
+  emit_seq(k.events, c.maxlen, seq, id, outcome, now, c.worker,
+           {'attempt', attempt, 'exit_code', a.exit_code, 'reason', reason})
+  settle(k.settle, job, id, outcome, {h[12], h[13]})
+  redis.call('EXPIRE', job, c.ttl)
+  redis.call('EXPIRE', k.log, c.ttl)
+  redis.call('XADD', k.done, 'MAXLEN', 1, '*', 'state', outcome)
+  redis.call('EXPIRE', k.done, 60)
+  return outcome
 end
 
-redis.call('HSET', job, 'state', outcome, 'finished_at', now, 'wait_reason', '', unpack(fields))
-emit_seq(events, maxlen, seq, id, outcome, now, worker,
-         {'attempt', attempt, 'exit_code', exit_code, 'reason', reason})
-settle(settle_stream, job, id, outcome, {h[12], h[13]})
-redis.call('EXPIRE', job, ttl)
-redis.call('EXPIRE', log, ttl)
-redis.call('XADD', done, 'MAXLEN', 1, '*', 'state', outcome)
-redis.call('EXPIRE', done, 60)
-return outcome
+if ARGV[1] ~= '*' then
+  local usage = {}
+  for i = 12, #ARGV do usage[#usage + 1] = ARGV[i] end
+  return finish_one(
+    {job = KEYS[1], stream = KEYS[2], events = KEYS[3], delayed = KEYS[4], log = KEYS[5],
+     ledger = KEYS[6], settle = KEYS[7], done = KEYS[8]},
+    {token = ARGV[1], outcome = ARGV[3], exit_code = ARGV[4], result = ARGV[5],
+     err = ARGV[6], reason = ARGV[7], retry_ms = tonumber(ARGV[10]), usage = usage},
+    {group = ARGV[2], maxlen = ARGV[8], ttl = tonumber(ARGV[9]), worker = ARGV[11],
+     now = now_ms()})
+end
+
+local events, delayed, ledger, settle_stream = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local c = {group = ARGV[2], maxlen = ARGV[3], ttl = tonumber(ARGV[4]), worker = ARGV[5],
+           now = now_ms()}
+local out = {}
+local ki, ai = 5, 6
+while ai <= #ARGV do
+  local job, stream, log, done = KEYS[ki], KEYS[ki + 1], KEYS[ki + 2], KEYS[ki + 3]
+  ki = ki + 4
+  local n = tonumber(ARGV[ai + 7])
+  local usage = {}
+  for i = 1, 2 * n do usage[i] = ARGV[ai + 7 + i] end
+  out[#out + 1] = finish_one(
+    {job = job, stream = stream, events = events, delayed = delayed, log = log,
+     ledger = ledger, settle = settle_stream, done = done},
+    {token = ARGV[ai], outcome = ARGV[ai + 1], exit_code = ARGV[ai + 2],
+     result = ARGV[ai + 3], err = ARGV[ai + 4], reason = ARGV[ai + 5],
+     retry_ms = tonumber(ARGV[ai + 6]), usage = usage}, c)
+  ai = ai + 8 + 2 * n
+end
+return out

@@ -8,8 +8,10 @@ import threading
 
 import redis
 
+from common import scripts as sc
 from common.keys import Keys
 from common.settings import Settings
+from tests.integration.harness import MAXLEN, Harness
 from tests.integration.test_worker_service import enqueue, serving, wait_done
 from worker.service import Worker
 
@@ -81,3 +83,24 @@ def test_a_python_job_that_never_logs_writes_no_log(
     assert r.exists(keys.log(quiet)) == 0
     lines = [f["l"] for _, f in r.xrange(keys.log(loud))]
     assert lines[-1] == "RuntimeError: loud"
+
+
+def test_a_finish_batch_that_fails_midway_finishes_the_rest_one_by_one(
+    settings: Settings, keys: Keys, r: redis.Redis
+) -> None:
+    """finish.lua's batch mode stops at a job whose keys are damaged (scripts don't roll
+    back): the worker then finishes each job by its own call, so the others complete."""
+    h = Harness(r, keys, settings)
+    worker = Worker(settings, client=r)
+    h.worker(worker.id, slots=3)
+    first, damaged, last = h.submit(), h.submit(), h.submit()
+    h.step()
+    h.take(worker.id)
+    r.set(keys.done(damaged), "not a stream")  # its done-stream XADD fails inside the script
+    calls = [sc.finish(keys, job, "default", h.running[job].token, sc.Outcome("completed", 0),
+                       worker=worker.id, retry_delay_ms=0, events_maxlen=MAXLEN, ttl_s=3600)
+             for job in (first, damaged, last)]
+    answers = worker._finish_calls(calls)
+    assert answers[0] in ("completed", -1) and answers[2] == "completed"
+    assert isinstance(answers[1], redis.ResponseError) or answers[1] == -1
+    assert [h.state(j) for j in (first, damaged, last)] == ["completed"] * 3
