@@ -29,10 +29,13 @@ def _field_error(index: int | None, loc: list[str | int], msg: str) -> InvalidSu
 
 def check_resources(ctx: AppState, subs: list[JobSubmission], batch: bool) -> None:
     s = ctx.settings
-    limits = {"cpu": s.max_job_cpu, "memory_mb": s.max_job_memory_mb, "gpu": s.max_job_gpu}
+    cpu, memory_mb, gpu = s.max_job_cpu, s.max_job_memory_mb, s.max_job_gpu
     for i, sub in enumerate(subs):
-        for name, most in limits.items():
-            asked = getattr(sub.resources, name)
+        res = sub.resources
+        if res.cpu <= cpu and res.memory_mb <= memory_mb and res.gpu <= gpu:
+            continue  # the common case: one comparison per limit, no lookups by name
+        for name, most in (("cpu", cpu), ("memory_mb", memory_mb), ("gpu", gpu)):
+            asked = getattr(res, name)
             if asked > most:
                 raise _field_error(i if batch else None, ["resources", name],
                                    f"{asked} is more than the largest job allowed ({most})")
@@ -41,7 +44,8 @@ def check_resources(ctx: AppState, subs: list[JobSubmission], batch: bool) -> No
 async def check_dependencies(
     ctx: AppState, principal: Principal, subs: list[JobSubmission], batch: bool
 ) -> None:
-    wanted = [(i, j, d.id) for i, sub in enumerate(subs) for j, d in enumerate(sub.dependencies())]
+    wanted = [(i, j, d.id) for i, sub in enumerate(subs) if sub.depends_on
+              for j, d in enumerate(sub.dependencies())]
     if not wanted:
         return
     pipe = ctx.redis.pipeline(transaction=False)

@@ -10,6 +10,9 @@ Commands (JSON text frames):
     {"cmd": "reconnect_job", "id": "<job id>", "after": "<log entry id>" | null}
     {"cmd": "cancel_job", "id": "<job id>"}
 
+run_job and reconnect_job take `"batch": true` (optional): each read's output lines then
+come as ONE `lines` message (each line with its own id) instead of a `line` message each.
+
 Pushes:
 
     {"type": "accepted", "job": {<job document>}}            run_job took the job
@@ -17,6 +20,8 @@ Pushes:
     {"type": "state", "job_id": "...", "state": "running", "seq": "3", "attempt": "1", ...}
     {"type": "line", "job_id": "...", "id": "<entry id>", "stream": "stdout", "time": "...",
      "text": "..."}
+    {"type": "lines", "job_id": "...", "lines": [{"id": "<entry id>", "stream": "stdout",
+     "time": "...", "text": "..."}, ...]}                     (instead, with batch)
     {"type": "progress", "job_id": "...", "id": "<entry id>", "time": "...", "percent": 40.0,
      "stage": "compiling", "message": null}
     {"type": "end", "job": {<final job document>}}
@@ -52,10 +57,12 @@ from api.routes.logs import (
     Ended,
     Lines,
     StateSeen,
+    line_item,
     progress_data,
     tail,
 )
 from api.validate import check_submissions
+from api.watch import Entry
 from common.clock import ms_to_iso
 from common.errors import LimitExceeded, TidalError
 from common.models import JobSubmission
@@ -71,6 +78,7 @@ class RunJob(BaseModel):
     model_config = ConfigDict(extra="forbid")
     cmd: Literal["run_job"]
     job: dict[str, Any]
+    batch: bool = False
 
 
 class ReconnectJob(BaseModel):
@@ -78,6 +86,7 @@ class ReconnectJob(BaseModel):
     cmd: Literal["reconnect_job"]
     id: str
     after: Annotated[str, Field(pattern=STREAM_ID_PATTERN)] | None = None
+    batch: bool = False
 
 
 class CancelJob(BaseModel):
@@ -176,13 +185,13 @@ class Connection:
             await check_submissions(self.ctx, self.principal, [sub], False)
             [job] = await jobs.submit_all(self.ctx, self.principal.user, [sub])
             await self.send({"type": "accepted", "job": job.model_dump(mode="json")})
-            self._follow(job.id, "0-0")
+            self._follow(job.id, "0-0", command.batch)
         elif isinstance(command, ReconnectJob):
             await jobs.visible_job(self.ctx, self.principal, command.id)
             if command.id not in self.follows:
                 self._room()
             await self.send({"type": "following", "job_id": command.id, "after": command.after})
-            self._follow(command.id, command.after or "0-0")
+            self._follow(command.id, command.after or "0-0", command.batch)
         else:
             job = await jobs.cancel_job(command.id, self.ctx, self.principal)
             await self.send({"type": "cancelling", "job": job.model_dump(mode="json")})
@@ -194,14 +203,33 @@ class Connection:
 
     # -- following ------------------------------------------------------------------------
 
-    def _follow(self, job_id: str, after: str) -> None:
+    def _follow(self, job_id: str, after: str, batch: bool = False) -> None:
         """Follow the job in a task of its own (replacing an earlier follow of it)."""
         earlier = self.follows.pop(job_id, None)
         if earlier is not None:
             earlier.cancel()
-        self.follows[job_id] = asyncio.create_task(self._stream(job_id, after))
+        self.follows[job_id] = asyncio.create_task(self._stream(job_id, after, batch))
 
-    async def _stream(self, job_id: str, after: str) -> None:
+    async def _send_lines(self, job_id: str, entries: list[Entry], batch: bool) -> None:
+        """A read's entries: a message each, or with `batch` one `lines` message per run
+        of output lines (progress reports keep their own messages, in order)."""
+        if not batch:
+            for entry_id, fields in entries:
+                await self.send(line_message(job_id, entry_id, fields))
+            return
+        run: list[dict[str, str]] = []
+        for entry_id, fields in entries:
+            if fields.get("s") == PROGRESS:
+                if run:
+                    await self.send({"type": "lines", "job_id": job_id, "lines": run})
+                    run = []
+                await self.send(line_message(job_id, entry_id, fields))
+            else:
+                run.append(line_item(entry_id, fields))
+        if run:
+            await self.send({"type": "lines", "job_id": job_id, "lines": run})
+
+    async def _stream(self, job_id: str, after: str, batch: bool = False) -> None:
         async def gone() -> bool:
             return False  # the task is cancelled when the client leaves
 
@@ -209,8 +237,7 @@ class Connection:
             async with aclosing(tail(self.ctx, job_id, after, gone)) as items:
                 async for item in items:
                     if isinstance(item, Lines):
-                        for entry_id, fields in item.entries:
-                            await self.send(line_message(job_id, entry_id, fields))
+                        await self._send_lines(job_id, item.entries, batch)
                     elif isinstance(item, StateSeen):
                         await self.send({"type": "state", "job_id": job_id, **item.fields})
                     elif isinstance(item, Ended):

@@ -5,9 +5,10 @@ retries, scheduled_at …) and the whole submission as JSON in `spec`."""
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, get_args
 
 import orjson
+from pydantic import BaseModel, TypeAdapter
 from ulid import ULID
 
 from common.clock import iso_to_ms, ms_to_iso
@@ -19,16 +20,59 @@ def new_job_id() -> str:
     return str(ULID()).lower()
 
 
+_SUBMISSIONS: TypeAdapter[list[JobSubmission]] = TypeAdapter(list[JobSubmission])
+_PRIORITY = {p.label: int(p) for p in Priority}
+
+
+def _holds_model(annotation: Any) -> bool:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return True
+    return any(_holds_model(arg) for arg in get_args(annotation))
+
+
+# Fields whose value is (or holds) a model: exclude_defaults leaves the model's own
+# defaults out inside them too.
+NESTED_FIELDS = frozenset(name for name, f in JobSubmission.model_fields.items()
+                          if _holds_model(f.annotation))
+# every field's default as JSON values
+_DEFAULTS: dict[str, Any] = JobSubmission.model_construct().model_dump(mode="json")
+
+
+def submission_specs(subs: list[JobSubmission]) -> list[dict[str, Any]]:
+    """What `spec` stores for each job (its submission as JSON values, defaults left out):
+    `sub.model_dump(mode="json", exclude_defaults=True)` for each, made with one pydantic
+    call over the list that dumps only the fields given (exclude_unset: no default is
+    made or compared in pydantic, which costs a model per job for `resources`), then the
+    given fields equal to their default dropped here. A given field that holds a model
+    is dumped by pydantic's own exclude_defaults (rare: resources, depends_on)."""
+    specs: list[dict[str, Any]] = []
+    for sub, given in zip(subs, _SUBMISSIONS.dump_python(subs, mode="json", exclude_unset=True),
+                          strict=True):
+        spec = {name: value for name, value in given.items() if value != _DEFAULTS[name]}
+        nested = NESTED_FIELDS.intersection(spec)
+        if nested:
+            exact = sub.model_dump(mode="json", exclude_defaults=True, include=set(nested))
+            spec = {name: exact[name] if name in nested else value
+                    for name, value in spec.items() if name not in nested or name in exact}
+        specs.append(spec)
+    return specs
+
+
 def submission_fields(
-    sub: JobSubmission, default_stale_after_s: float | None = None
+    sub: JobSubmission, default_stale_after_s: float | None = None,
+    spec: dict[str, Any] | None = None,
 ) -> dict[str, str | int | float]:
-    """The hash fields written by submit.lua besides id, state, owner and created_at."""
+    """The hash fields written by submit.lua besides id, state, owner and created_at.
+    `spec`: the job's entry of `submission_specs`, when the caller made them in bulk."""
+    if spec is None:
+        spec = sub.model_dump(mode="json", exclude_defaults=True)
+    priority = _PRIORITY.get(sub.priority)
     fields: dict[str, str | int | float] = {
         "kind": sub.kind,
         "queue": sub.queue,
-        "priority": int(Priority.parse(sub.priority)),
+        "priority": priority if priority is not None else int(Priority.parse(sub.priority)),
         "retries": sub.retries,
-        "spec": orjson.dumps(sub.model_dump(mode="json", exclude_defaults=True)).decode(),
+        "spec": orjson.dumps(spec).decode(),
     }
     if sub.host:
         fields["host"] = sub.host

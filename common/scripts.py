@@ -192,7 +192,7 @@ def depend(
     job = keys.job(a.job_id)
     ks = [keys.submissions(), keys.events(), keys.settle(), keys.queues(), job,
           keys.deps(a.job_id), keys.queue(a.queue), keys.delayed(),
-          *_host_keys(keys, a.host, job), keys.hosts(), keys.stale()]
+          *_host_keys(keys, a.host, job), keys.hosts(), keys.stale(), keys.done(a.job_id)]
     args: list[Any] = [GROUP_SCHEDULERS, a.entry_id, events_maxlen, priority_step_ms, by, a.queue]
     for dep_id, cond in deps:
         ks += [keys.job(dep_id), keys.dependents(dep_id)]
@@ -208,7 +208,8 @@ def resolve(
     return Call(
         "resolve",
         [keys.events(), keys.settle(), job, keys.deps(dependent), keys.queue(queue),
-         keys.delayed(), *_host_keys(keys, host, job), keys.hosts(), keys.stale()],
+         keys.delayed(), *_host_keys(keys, host, job), keys.hosts(), keys.stale(),
+         keys.done(dependent)],
         [ended, ended_state, events_maxlen, priority_step_ms, by],
     )
 
@@ -341,7 +342,7 @@ def cancel(
         "cancel",
         [job, keys.queue(queue), keys.delayed(), keys.dispatch(queue), keys.events(),
          keys.log(job_id), keys.hostwait(host) if host else job, keys.stale(), keys.ledger(),
-         keys.settle()],
+         keys.settle(), keys.done(job_id)],
         [by, events_maxlen, ttl_s, keys.control_channel_prefix(), GROUP_WORKERS],
     )
 
@@ -380,7 +381,7 @@ def reclaim(
     return Call(
         "reclaim",
         [keys.dispatch(queue), keys.queue(queue), keys.events(), keys.ledger(), keys.settle(),
-         *(keys.job(job_id) for _, job_id in entries)],
+         *(key for _, job_id in entries for key in (keys.job(job_id), keys.done(job_id)))],
         [GROUP_WORKERS, events_maxlen, max_deliveries, ttl_s, by,
          "handed_back" if handed_back else "lost", *(entry for entry, _ in entries)],
     )
@@ -430,7 +431,8 @@ def settle(
                 ks += [keys.job(e.waiter), keys.queue(e.waiter_queue)]
         for dep, queue, host in e.dependents or ():
             job = keys.job(dep)
-            ks += [job, keys.deps(dep), keys.queue(queue), *_host_keys(keys, host, job)]
+            ks += [job, keys.deps(dep), keys.queue(queue), *_host_keys(keys, host, job),
+                   keys.done(dep)]
         args += [e.entry_id, e.job_id, e.state, e.host, e.waiter if e.host else "",
                  -1 if e.dependents is None else len(e.dependents)]
     return Call("settle", ks, args)
@@ -444,7 +446,7 @@ def expire(
     ks = [keys.events(), keys.settle(), keys.stale(), keys.delayed()]
     for job_id, queue, host in candidates:
         job = keys.job(job_id)
-        ks += [job, keys.queue(queue), keys.hostwait(host) if host else job]
+        ks += [job, keys.queue(queue), keys.hostwait(host) if host else job, keys.done(job_id)]
     return Call("expire", ks, [events_maxlen, ttl_s, by, *(c[0] for c in candidates)])
 
 
@@ -486,8 +488,9 @@ def progress(
 def log_append(
     keys: Keys, job_id: str, lines: Sequence[Any], *, maxlen: int, publish: int = 0
 ) -> Call:
-    """lines: flat (s, t, l, c) per line (c '1' or ''); `publish`: the count sent on the
-    job's log channel after the lines (0: none)."""
+    """lines: flat (s, t, l, c) per run: c 'n' = l holds several lines, each ended by
+    '\n'; '1' = a piece of an over-long line that continues; '' = one line. `publish`: the
+    count sent on the job's log channel after the lines (0: none)."""
     return Call(
         "log_append",
         [keys.log(job_id)],

@@ -27,8 +27,10 @@ lines follow]`. Lines dropped because Redis was unreachable for long are reporte
 `[N log lines dropped]`.
 
 One flush is ONE round trip (a pipeline of EVALSHAs): log_append.lua appends the lines
-(XADD MAXLEN ~ log_max_lines, plus the progress entries written, so progress never pushes
-output out; one script call per run of lines, not one command per line) and PUBLISHes the
+(one XADD each, then XTRIM MAXLEN ~ log_max_lines plus the progress entries written, so
+progress never pushes output out; one script call per run of lines between progress
+reports, and the lines of one stream read at one moment travel joined in one argument,
+so a flood costs a few arguments per batch, not four per line) and PUBLISHes the
 entry count on the job's log channel (`Keys.log_channel`), a wake-up hint for followers
 (pub/sub is at-most-once, the stream is the record: RELIABILITY.md finding 7); each
 progress report due is a progress.lua call in its place among the lines. Progress reports
@@ -60,7 +62,7 @@ Chunk = tuple[str, bool]  # (text, continued by the next chunk)
 # a buffered entry: (stream, ms, text, continued), or ('p', ms, ProgressItem, False)
 Item = tuple[str, int, Any, bool]
 
-BATCH_LINES = 200  # flush at once when this many lines wait
+BATCH_LINES = 1000  # flush at once when this many lines wait
 TAIL_LINES = 1000  # at most this many lines of an overflowing stream's tail are kept
 MAX_BUFFERED = 10_000  # lines kept while Redis is unreachable; older ones are dropped
 CLOSE_TRIES = 3
@@ -95,6 +97,9 @@ class LineSplitter:
         self._partial = bytearray()
 
     def feed(self, data: bytes) -> list[Chunk]:
+        fast = self._feed_ascii(data)
+        if fast is not None:
+            return fast
         out: list[Chunk] = []
         self._partial += data
         start = 0
@@ -112,6 +117,27 @@ class LineSplitter:
             rest = rest[cut:]
         self._partial = bytearray(rest)
         return out
+
+    def _feed_ascii(self, data: bytes) -> list[Chunk] | None:
+        """The common case at C speed (a flood of short lines is ~100,000 a second): the
+        complete lines are ASCII and none is over `max_bytes`, so one decode and one split
+        make them (the same lines the general path makes). None: take the general path."""
+        last = data.rfind(b"\n")
+        if last < 0 or not data.isascii():
+            return None
+        head = bytes(self._partial) + data[:last] if self._partial else data[:last]
+        if not head.isascii():
+            return None
+        texts = head.decode("ascii").split("\n")
+        if len(head) > self.max_bytes and max(map(len, texts)) > self.max_bytes:
+            return None
+        rest = data[last + 1:]
+        if len(rest) > self.max_bytes:
+            return None
+        if b"\r" in head:
+            texts = [t[:-1] if t.endswith("\r") else t for t in texts]
+        self._partial = bytearray(rest)
+        return [(t, False) for t in texts]
 
     def take_partial(self) -> bytes:
         """Hand over the unfinished line (the stream goes on elsewhere, e.g. an Overflow)."""
@@ -326,7 +352,35 @@ class LogWriter:
             self.on_pending()
 
     def add_chunks(self, stream: Stream, chunks: list[Chunk]) -> None:
-        for text, continued in chunks:
+        """Lines of one stream read at one moment (they share their time): one lock and
+        one clock read for all those that stay short of the budget, then line by line for
+        the rest (the line that reaches the budget is decided one at a time)."""
+        if not chunks:
+            return
+        with self._lock:
+            if self._closed:
+                return
+            take = 0 if self.full else min(len(chunks), self.max_lines - 1 - self._stored[0],
+                                           MAX_BUFFERED - len(self._lines))
+            chars = self._stored[1]
+            if take > 0 and self.max_bytes is not None:  # chars only count against max_bytes
+                chars += sum([len(text) for text, _ in chunks[:take]])
+                if chars >= self.max_bytes:
+                    take = 0
+            first = full = False
+            if take > 0:
+                self._stored = (self._stored[0] + take, chars)
+                ms = now_ms()
+                self._lines.extend([(stream, ms, text, cont) for text, cont in chunks[:take]])
+                first = self._first_at is None
+                if first:
+                    self._first_at = monotonic()
+                full = len(self._lines) >= BATCH_LINES
+        if full:
+            self.flush()
+        elif first and self.on_pending is not None:
+            self.on_pending()
+        for text, continued in chunks[take:] if take > 0 else chunks:
             self.add(stream, text, continued)
 
     def _within_budget(self, text: str) -> bool:
@@ -426,8 +480,16 @@ class LogWriter:
         calls: list[sc.Call] = []
         reports: list[int] = []  # where the progress calls are among the calls
         maxlen = self.max_lines + self.progress_written
-        lines: list[Any] = []
+        lines: list[Any] = []  # log_append.lua's arguments: (s, t, l, c) per run of lines
+        run: list[str] = []  # whole lines of one stream and time, joined when the run ends
+        run_stream, run_at = "", -1
         for stream, at, text, continued in batch:
+            if stream == run_stream and at == run_at and not continued and "\n" not in text:
+                run.append(text)
+                continue
+            if run:
+                lines += (run_stream, run_at, "\n".join(run) + "\n", "n")
+                run, run_stream = [], ""
             if stream == "p":
                 if lines:
                     calls.append(sc.log_append(self.keys, self.job_id, lines, maxlen=maxlen))
@@ -435,8 +497,12 @@ class LogWriter:
                 maxlen += 1
                 reports.append(len(calls))
                 calls.append(self._progress_call(text, maxlen))
-                continue
-            lines += (stream, at, text, "1" if continued else "")
+            elif continued or "\n" in text:  # a line of its own, never split
+                lines += (stream, at, text, "1" if continued else "")
+            else:
+                run, run_stream, run_at = [text], stream, at
+        if run:
+            lines += (run_stream, run_at, "\n".join(run) + "\n", "n")
         calls.append(sc.log_append(self.keys, self.job_id, lines, maxlen=maxlen,
                                    publish=len(batch)))
         if self._scripts is None:

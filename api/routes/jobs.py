@@ -6,10 +6,12 @@ the SQL mirror (written by the recorder, up to about a second behind Redis).
 
 from __future__ import annotations
 
+import asyncio
 import math
 import os
 import re
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from datetime import datetime
 from functools import cache, lru_cache
@@ -24,15 +26,21 @@ from sqlmodel import Session, col, select
 from starlette.concurrency import run_in_threadpool
 
 from api.auth import Principal
-from api.body import SUBMISSIONS, SUBMIT_OPENAPI, read_submissions
-from api.deps import AppState, PrincipalDep, StateDep
+from api.body import SUBMIT_OPENAPI, read_submissions
+from api.deps import BEARER_SECURITY, AppState, CallerDep, PrincipalDep, StateDep
 from api.validate import SUBMIT_CALL_JOBS, check_submissions, over_active, over_queue
 from api.waits import wait_detail
 from api.watch import job_watch
 from common import scripts as sc
 from common.clock import monotonic, ms_to_iso
 from common.errors import Conflict, JobNotFound, LimitExceeded
-from common.jobs import hash_from_record, job_from_hash, submission_fields
+from common.jobs import (
+    NESTED_FIELDS,
+    hash_from_record,
+    job_from_hash,
+    submission_fields,
+    submission_specs,
+)
 from common.models import ErrorResponse, Job, JobBatch, JobPage, JobSubmission, State
 from common.tables import JobRecord
 
@@ -59,19 +67,22 @@ def _mirror_record(engine: Engine, job_id: str) -> JobRecord | None:
         return session.get(JobRecord, job_id)
 
 
-async def read_job(ctx: AppState, job_id: str) -> Job | None:
-    """The job document from its hash, else from the SQL mirror, else None."""
-    h = await ctx.redis.hgetall(ctx.keys.job(job_id))
+async def read_job(ctx: AppState, job_id: str, h: dict[str, str] | None = None) -> Job | None:
+    """The job document from its hash (`h` when the caller read it already), else from
+    the SQL mirror, else None."""
+    if h is None:
+        h = await ctx.redis.hgetall(ctx.keys.job(job_id))
     if h.get("state"):
         return job_from_hash(h)
     rec = await run_in_threadpool(_mirror_record, ctx.engine, job_id)
     return job_from_hash(hash_from_record(rec)) if rec is not None else None
 
 
-async def visible_job(ctx: AppState, principal: Principal, job_id: str) -> Job:
+async def visible_job(ctx: AppState, principal: Principal, job_id: str,
+                      h: dict[str, str] | None = None) -> Job:
     """The job, or 404 when it does not exist or belongs to someone else (no leak)."""
     structlog.contextvars.bind_contextvars(job_id=job_id)
-    job = await read_job(ctx, job_id) if _JOB_ID.match(job_id) else None
+    job = await read_job(ctx, job_id, h) if _JOB_ID.match(job_id) else None
     if job is None or not principal.may_see(job.owner):
         raise JobNotFound(f"job {job_id} not found")
     return job
@@ -148,19 +159,77 @@ def _created_at(ms: int) -> Any:
     return _DATETIME.dump_python(_DATETIME.validate_python(ms_to_iso(ms)), mode="json")
 
 
-def _submit_call(ctx: AppState, owner: str, part: list[tuple[str, JobSubmission,
-                                                              dict[str, Any]]]) -> sc.Call:
-    """submit.lua in batch mode for the jobs of `part`: (id, submission, hash fields)."""
+@lru_cache(maxsize=1024)
+def _pending_members(given: tuple[str, ...]) -> bytes:
+    """The members (JSON, no braces) of the all-defaults document that a spec with the
+    fields `given` leaves as they are, but id, owner and created_at."""
+    pending, _ = _pending_document()
+    left = set(given) | {"id", "owner", "created_at"}
+    return orjson.dumps({k: v for k, v in pending.items() if k not in left})[1:-1]
+
+
+@lru_cache(maxsize=64)
+def _created_at_json(ms: int) -> bytes:
+    return orjson.dumps(_created_at(ms))
+
+
+def pending_documents(owner: str, ids: list[str], subs: list[JobSubmission],
+                      specs: list[dict[str, Any]], spec_json: list[str]
+                      ) -> list[tuple[bytes, bytes]]:
+    """The documents GET /jobs/{id} shows for just-accepted jobs, as JSON cut where
+    `created_at` goes (Redis says when, in its reply): id and owner, then the spec's
+    members (a spec holds only what differs from the defaults; `spec_json` is its JSON as
+    stored), then the all-defaults document's other members, made once per set of fields.
+    A spec with a field the document does not show, or shows in full where the spec
+    leaves defaults out (a nested model), goes the way of a dict."""
+    pending, hidden = _pending_document()
+    owner_json = orjson.dumps(owner)
+    docs: list[tuple[bytes, bytes]] = []
+    for job_id, sub, spec, text in zip(ids, subs, specs, spec_json, strict=True):
+        head = b'{"id":"' + job_id.encode() + b'","owner":' + owner_json + b',"created_at":'
+        if hidden.isdisjoint(spec) and NESTED_FIELDS.isdisjoint(spec):
+            members = text.encode()[1:-1]
+            rest = _pending_members(tuple(spec))
+            docs.append((head, b"," + members + b"," + rest + b"}" if members
+                         else b"," + rest + b"}"))
+            continue
+        doc = {**pending, **spec}
+        for name in hidden.intersection(spec):
+            del doc[name]
+        nested = NESTED_FIELDS.intersection(spec)
+        if nested:
+            doc.update(sub.model_dump(mode="json", include=set(nested)))
+        for name in ("id", "owner", "created_at"):
+            del doc[name]
+        docs.append((head, b"," + orjson.dumps(doc)[1:-1] + b"}"))
+    return docs
+
+
+# the hash fields every job has, sent by position in batch mode (submit.lua)
+_FIXED_FIELDS = ("kind", "queue", "priority", "retries", "spec")
+
+
+def _submit_call(ctx: AppState, owner: str, ids: list[str], subs: list[JobSubmission],
+                 fields: list[dict[str, Any]], start: int, end: int) -> sc.Call:
+    """submit.lua in batch mode for the jobs start..end-1 (ids, submissions, hash fields
+    made without the default stale_after, which goes once for the call)."""
     k, s = ctx.keys, ctx.settings
     keys = [k.submissions(), k.events(), k.user(owner), k.seq()]
-    args: list[Any] = ["*", s.events_maxlen, owner, s.max_active_per_user, s.max_queue_size]
-    for job_id, sub, fields in part:
-        job = k.job(job_id)
-        idem = sub.idempotency_key
-        keys += (job, k.idem(owner, idem) if idem else job, k.queue(sub.queue))
-        args += (job_id, IDEMPOTENCY_TTL_S if idem else 0, 2 * len(fields))
-        for item in fields.items():
-            args += item
+    default_stale_ms = int(s.stale_after_s * 1000) if s.stale_after_s else 0
+    args: list[Any] = ["*", s.events_maxlen, owner, s.max_active_per_user, s.max_queue_size,
+                       default_stale_ms]
+    job_key, queues = k.job, {}
+    for i in range(start, end):
+        sub, f = subs[i], fields[i]
+        job, idem, queue = job_key(ids[i]), sub.idempotency_key, sub.queue
+        queue_key = queues.get(queue) or queues.setdefault(queue, k.queue(queue))
+        keys += (job, k.idem(owner, idem) if idem else job, queue_key)
+        args += (ids[i], IDEMPOTENCY_TTL_S if idem else 0, f["kind"], f["queue"],
+                 f["priority"], f["retries"], f["spec"], 2 * (len(f) - 5))
+        if len(f) > 5:
+            for name, value in f.items():
+                if name not in _FIXED_FIELDS:
+                    args += (name, value)
     return sc.Call("submit", keys, args)
 
 
@@ -190,42 +259,59 @@ def _refused(ctx: AppState, owner: str, reply: list[Any], part: list[JobSubmissi
     return exc
 
 
+# from this many jobs in a request on, the answer's documents are built while Redis runs
+# the first submit.lua call
+OVERLAP_JOBS = 50
+
+
 async def submit_documents(ctx: AppState, owner: str, subs: list[JobSubmission]
-                           ) -> list[dict[str, Any]]:
+                           ) -> list[bytes]:
     """Write the jobs (one submit.lua call per SUBMIT_CALL_JOBS of them) and answer their
-    documents in request order, once Redis has replied."""
-    s = ctx.settings
-    ids = job_ids.take(len(subs))
-    fields = [submission_fields(sub, s.stale_after_s) for sub in subs]
+    documents (JSON) in request order, once Redis has replied. For a batch, the
+    documents are built while Redis runs the first call, on the other core."""
+    n = len(subs)
+    ids = job_ids.take(n)
+    specs = submission_specs(subs)
+    # no default stale_after here: submit.lua adds it to the jobs that give none
+    fields = [submission_fields(sub, None, spec) for sub, spec in zip(subs, specs, strict=True)]
+    parts = [(start, min(start + SUBMIT_CALL_JOBS, n)) for start in range(0, n, SUBMIT_CALL_JOBS)]
+    first: Awaitable[Any] = ctx.scripts.run(_submit_call(ctx, owner, ids, subs, fields, *parts[0]))
+    spec_json = [str(f["spec"]) for f in fields]
+    if n < OVERLAP_JOBS:  # too few documents to be worth a task and a loop turn
+        docs = pending_documents(owner, ids, subs, specs, spec_json)
+    else:
+        first = asyncio.ensure_future(first)
+        try:
+            await asyncio.sleep(0)  # the call goes out (packed and written) before the docs
+            docs = pending_documents(owner, ids, subs, specs, spec_json)
+        except BaseException:
+            await asyncio.gather(first, return_exceptions=True)
+            raise
     replies: list[Any] = []
-    for start in range(0, len(subs), SUBMIT_CALL_JOBS):
-        end = min(start + SUBMIT_CALL_JOBS, len(subs))
-        part = [(ids[i], subs[i], fields[i]) for i in range(start, end)]
-        reply = await ctx.scripts.run(_submit_call(ctx, owner, part))
+    for start, end in parts:
+        reply = await (first if start == 0 else ctx.scripts.run(
+            _submit_call(ctx, owner, ids, subs, fields, start, end)))
         if int(reply[0]) < 0:
             accepted = [ids[i // 3] for i in range(0, len(replies), 3) if int(replies[i]) == 1]
             raise _refused(ctx, owner, reply, subs[start:end], accepted)
         replies += reply[1:]
     existing = [str(replies[i + 1]) for i in range(0, len(replies), 3) if int(replies[i]) != 1]
     deduped = await _read_existing(ctx, existing) if existing else {}
-    pending, hidden = _pending_document()
-    specs = SUBMISSIONS.dump_python(subs, mode="json", exclude={"__all__": hidden})
-    docs = []
-    for i, spec in enumerate(specs):
+    answers: list[bytes] = []
+    for i, (head, tail) in enumerate(docs):
         status, rid, created = replies[3 * i:3 * i + 3]
         if int(status) == 1:
-            docs.append({**pending, **spec, "id": ids[i], "owner": owner,
-                         "created_at": _created_at(int(created))})
+            answers.append(head + _created_at_json(int(created)) + tail)
         else:
-            docs.append(deduped[str(rid)])
-    log.info("jobs_submitted", owner=owner, count=len(docs), deduplicated=len(existing),
-             job_id=ids[0] if len(docs) == 1 else None)
-    return docs
+            answers.append(orjson.dumps(deduped[str(rid)]))
+    log.info("jobs_submitted", owner=owner, count=n, deduplicated=len(existing),
+             job_id=ids[0] if n == 1 else None)
+    return answers
 
 
 async def submit_all(ctx: AppState, owner: str, subs: list[JobSubmission]) -> list[Job]:
     """submit_documents, as Job models (for callers that want them: the WebSocket)."""
-    return [Job.model_validate(doc) for doc in await submit_documents(ctx, owner, subs)]
+    return [Job.model_validate_json(doc) for doc in await submit_documents(ctx, owner, subs)]
 
 
 @router.post(
@@ -233,18 +319,19 @@ async def submit_all(ctx: AppState, owner: str, subs: list[JobSubmission]) -> li
     status_code=202,
     response_model=Job | JobBatch,
     summary="Submit one job, or a batch (a JSON array)",
-    openapi_extra=SUBMIT_OPENAPI,
+    openapi_extra={**SUBMIT_OPENAPI, **BEARER_SECURITY},
     responses=error_docs(401, 409, 413, 415, 422, 429, 503),
 )
-async def submit_jobs(request: Request, ctx: StateDep, principal: PrincipalDep) -> Response:
+async def submit_jobs(request: Request, caller: CallerDep) -> Response:
+    ctx, principal = caller
     subs, batch = await read_submissions(
         request, max_bytes=ctx.settings.max_body_bytes, max_batch=ctx.settings.max_batch
     )
     await check_submissions(ctx, principal, subs, batch)
     docs = await submit_documents(ctx, principal.user, subs)
-    # the documents are plain JSON values already: no response-model validation round
-    return Response(orjson.dumps({"jobs": docs} if batch else docs[0]), status_code=202,
-                    media_type="application/json")
+    # the documents are JSON already: no response-model validation round
+    body = b'{"jobs":[' + b",".join(docs) + b"]}" if batch else docs[0]
+    return Response(body, status_code=202, media_type="application/json")
 
 
 # -- listing --------------------------------------------------------------------------------
@@ -328,13 +415,12 @@ def poll_after_ms(polls: int) -> int:
 
 @router.get(
     "/{job_id}", response_model=Job, summary="One job (optionally waiting for it to change)",
-    responses=ERRORS,
+    responses=ERRORS, openapi_extra=BEARER_SECURITY,
 )
 async def get_job(
     job_id: str,
     request: Request,
-    ctx: StateDep,
-    principal: PrincipalDep,
+    caller: CallerDep,
     wait: Annotated[float, Query(ge=0, le=MAX_WAIT_S, description=(
         "long-poll: answer as soon as the job changes state, or after this many seconds"
     ))] = 0,
@@ -345,17 +431,27 @@ async def get_job(
         "with wait: answer at the job's next change (default), or only once it finished"
     ))] = "change",
 ) -> Response:
+    ctx, principal = caller
     key = ctx.keys.job(job_id)
-    # the seq before the document: a transition between the two reads then ends the wait
-    seq = await ctx.redis.hget(key, "seq") if wait and _JOB_ID.match(job_id) else None
-    job = await visible_job(ctx, principal, job_id)
+    # One HGETALL gives the document and its seq together (the seq is what the wait
+    # compares: every transition bumps it). While waiting until the job finished, a
+    # wake-up reads the hash once and builds the document only when the state is
+    # terminal, or when the wait ends.
+    h = await ctx.redis.hgetall(key) if wait and _JOB_ID.match(job_id) else None
+    job = await visible_job(ctx, principal, job_id, h)
+    seq, state, newer = (h or {}).get("seq"), job.state, False
     deadline = monotonic() + wait
-    while seq is not None and not job.state.terminal:
+    while seq is not None and not state.terminal:
         left = deadline - monotonic()
         if left <= 0 or not await job_watch(request.app.state, ctx).changed(job_id, seq, left):
             break
-        seq = await ctx.redis.hget(key, "seq") if until == "finished" else None
-        job = await visible_job(ctx, principal, job_id)
+        h = await ctx.redis.hgetall(key)
+        if until != "finished" or not h.get("state"):  # gone from Redis: the mirror has it
+            job, newer = await visible_job(ctx, principal, job_id, h), False
+            break
+        seq, state, newer = h.get("seq"), State(h["state"]), True
+    if newer and h:
+        job = job_from_hash(h)
     # a Response of the model's own JSON: FastAPI would validate the Job again first
     if job.state.terminal:
         return Response(job.model_dump_json(), media_type="application/json")

@@ -14,6 +14,19 @@ document:
     event: end
     data: {<the job document>}
 
+With `batch=true` (what the SDK and the CLI ask for) each read of the log stream makes ONE
+frame for its run of output lines instead of a frame per line (a flood is ~100,000 lines a
+second; per-line frames cost the server and the client most of their time), with each
+line's own id inside; progress reports keep their own frames, in order:
+
+    id: <the last line's entry id>
+    event: lines
+    data: {"lines": [{"id": "<entry id>", "stream": "stdout", "time": "...", "text": "..."}, ...]}
+
+A client receives a frame whole or not at all (an SSE event is dispatched at its blank
+line), so `Last-Event-ID` = the frame's id resumes after exactly the lines it got; a
+client that stops in the middle of a frame can resume after any line's own id.
+
 Progress reports are entries of the same log stream (`s` = 'p', see worker/output.py), so
 they come in order with the lines and `Last-Event-ID` resumes across both. Pages
 (`follow=false`) hold output lines only; their cursor still moves past progress entries.
@@ -33,8 +46,10 @@ from contextlib import aclosing
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated, Any
+from weakref import WeakKeyDictionary
 
 import orjson
+import redis.asyncio as aredis
 import structlog
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import StreamingResponse
@@ -122,6 +137,44 @@ def line_frame(entry_id: str, fields: dict[str, str]) -> bytes:
                      orjson.dumps(fields.get("l", "")), b"}\n\n"))
 
 
+_time_cache: tuple[str, str] = ("", "")  # (field t, its ISO text): a run shares its t
+
+
+def line_item(entry_id: str, fields: dict[str, str]) -> dict[str, str]:
+    """One output line as an element of a `lines` frame (a LogLine's JSON, id included)."""
+    global _time_cache
+    t = fields.get("t", "")
+    if _time_cache[0] != t or not t:
+        _time_cache = (t, ms_to_iso(_millis(entry_id, fields)) or "")
+    return {"id": entry_id, "stream": _STREAMS.get(fields.get("s", ""), "system"),
+            "time": _time_cache[1], "text": fields.get("l", "")}
+
+
+def lines_frames(entries: list[Entry]) -> bytes:
+    """The batched SSE frames of log entries (`?batch=true`): each run of output lines is
+    ONE `lines` frame, whose `id` is its last line's (a client that got the frame has every
+    line up to it; each line still carries its own id), and each progress entry its own
+    `progress` frame in its place, so the order holds."""
+    out: list[bytes] = []
+    run: list[dict[str, str]] = []
+    for entry_id, fields in entries:
+        if fields.get("s") == PROGRESS:
+            if run:
+                out.append(_lines_frame(run))
+                run = []
+            out.append(line_frame(entry_id, fields))
+        else:
+            run.append(line_item(entry_id, fields))
+    if run:
+        out.append(_lines_frame(run))
+    return b"".join(out)
+
+
+def _lines_frame(run: list[dict[str, str]]) -> bytes:
+    return (b"id: " + run[-1]["id"].encode() + b"\nevent: lines\ndata: "
+            + orjson.dumps({"lines": run}) + b"\n\n")
+
+
 def end_frame(job: Job | None) -> bytes:
     data = job.model_dump_json().encode() if job is not None else b"null"
     return b"event: end\ndata: " + data + b"\n\n"
@@ -194,16 +247,33 @@ async def read_entries(ctx: AppState, job_id: str, after: str | None, limit: int
     return await run_in_threadpool(_mirror_entries, ctx.engine, job_id, after, limit)
 
 
+_raw_readers: WeakKeyDictionary[aredis.Redis, aredis.Redis] = WeakKeyDictionary()
+
+
+def raw_reader(client: aredis.Redis) -> aredis.Redis:
+    """A client on `client`'s connection pool whose XREAD replies are left as the parser
+    made them (lists of [id, [field, value, …]]): redis-py's reply callback runs several
+    Python calls per entry, a cost a follower of a flood pays ~100,000 times a second."""
+    raw = _raw_readers.get(client)
+    if raw is None:
+        raw = aredis.Redis(connection_pool=client.connection_pool)
+        raw.response_callbacks.pop("XREAD", None)
+        _raw_readers[client] = raw
+    return raw
+
+
 def _log_entries(reply: Any, key: str) -> tuple[list[Entry], bool]:
-    """An XREAD reply over the log stream and the job's done stream (RESP2 list or RESP3
-    dict): (the log stream's entries, whether the done stream answered)."""
+    """A raw XREAD reply over the log stream and the job's done stream (RESP2 list or
+    RESP3 dict): (the log stream's entries, whether the done stream answered)."""
     if not reply:
         return [], False
     entries: list[Entry] = []
     done = False
     for name, items in (reply.items() if isinstance(reply, dict) else reply):
-        if name == key:
-            entries = [(str(eid), fields) for eid, fields in (items or [])]
+        if name == key:  # a line has 3 fields (s, t, l): a dict display, else any length
+            entries = [(eid, {f[0]: f[1], f[2]: f[3], f[4]: f[5]} if len(f) == 6
+                        else dict(zip(f[::2], f[1::2], strict=True)))
+                       for eid, f in (items or [])]
         elif items:
             done = True
     return entries, done
@@ -224,25 +294,31 @@ async def tail(
     the job is terminal (a job whose hash is gone counts as over). Stops quietly when the
     server stops or `gone()` says the consumer left; RedisError propagates.
 
-    The blocking read also watches the job's done stream (finish.lua writes it), so a job
-    that ends without a last line ends the follow at once, not after the block."""
+    The blocking read also watches the job's done stream (every path to a terminal state
+    writes it: `mark_done` in _lib.lua), so a job that ends without a last line ends the
+    follow at once, not after the block. Right after a full page the state is not read
+    (a flood costs one round trip per page): if the job ended meanwhile, its done stream
+    answers the next read at once, and the state is read after that."""
     key, last, quiet_since, seen = ctx.keys.log(job_id), after, monotonic(), None
     streams = {key: last, ctx.keys.done(job_id): "0-0"}
+    full_page = False
     while not ctx.stopping.is_set() and not await gone():
-        values = await ctx.redis.hmget(ctx.keys.job(job_id), list(STATE_FIELDS))
-        h = {name: v for name, v in zip(STATE_FIELDS, values, strict=True) if v is not None}
-        if h.get("state") and h.get("seq") != seen:
-            seen = h.get("seq")
-            yield StateSeen(h["state"], h)
-        if not h.get("state") or h["state"] in TERMINAL_STATES:
-            async for page in _rest(ctx, job_id, last):
-                last = page[-1][0]
-                yield Lines(page)
-            yield Ended(await read_job(ctx, job_id))
-            return
+        if not full_page:
+            values = await ctx.redis.hmget(ctx.keys.job(job_id), list(STATE_FIELDS))
+            h = {name: v for name, v in zip(STATE_FIELDS, values, strict=True) if v is not None}
+            if h.get("state") and h.get("seq") != seen:
+                seen = h.get("seq")
+                yield StateSeen(h["state"], h)
+            if not h.get("state") or h["state"] in TERMINAL_STATES:
+                async for page in _rest(ctx, job_id, last):
+                    last = page[-1][0]
+                    yield Lines(page)
+                yield Ended(await read_job(ctx, job_id))
+                return
         streams[key] = last
         got, finished = _log_entries(
-            await ctx.redis.xread(streams, count=READ_COUNT, block=BLOCK_MS), key)
+            await raw_reader(ctx.redis).xread(streams, count=READ_COUNT, block=BLOCK_MS), key)
+        full_page = len(got) >= READ_COUNT
         if got:
             last, quiet_since = got[-1][0], monotonic()
             yield Lines(got)
@@ -253,13 +329,18 @@ async def tail(
             yield Quiet()
 
 
-async def follow(request: Request, ctx: AppState, job_id: str, after: str) -> AsyncIterator[bytes]:
-    """The SSE body: lines as they come, then `end` once the job is terminal."""
+async def follow(request: Request, ctx: AppState, job_id: str, after: str,
+                 batch: bool = False) -> AsyncIterator[bytes]:
+    """The SSE body: lines as they come (a `line` frame each, or with `batch` a `lines`
+    frame per read), then `end` once the job is terminal."""
     try:
         async with aclosing(tail(ctx, job_id, after, request.is_disconnected)) as items:
             async for item in items:
                 if isinstance(item, Lines):
-                    yield b"".join(line_frame(eid, fields) for eid, fields in item.entries)
+                    if batch:
+                        yield lines_frames(item.entries)
+                    else:
+                        yield b"".join(line_frame(eid, fields) for eid, fields in item.entries)
                 elif isinstance(item, Quiet):
                     yield PING_FRAME
                 elif isinstance(item, Ended):
@@ -305,6 +386,9 @@ async def get_logs(
         str | None, Query(pattern=STREAM_ID_PATTERN, description="follow: resume after this id")
     ] = None,
     last_event_id: Annotated[str | None, Header(pattern=STREAM_ID_PATTERN)] = None,
+    batch: Annotated[bool, Query(
+        description="follow: one `lines` event per read (many lines) instead of a `line` "
+                    "event per line")] = False,
 ) -> LogPage | StreamingResponse:
     await visible_job(ctx, principal, job_id)
     if not follow_:
@@ -312,7 +396,7 @@ async def get_logs(
     resume = last_event_id or after or "0-0"
     log.info("log_follow", job_id=job_id, after=resume)
     return StreamingResponse(
-        follow(request, ctx, job_id, resume),
+        follow(request, ctx, job_id, resume, batch),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )

@@ -93,15 +93,27 @@ local function settle(stream, job, id, state, known)
              'host', h[2] or '')
 end
 
+-- A job reached a terminal state: wake its live log followers, which block on its done
+-- stream {tidal}:done:<id> beside its log stream (api/routes/logs.py `tail`), so a follow
+-- ends at once on every path to a terminal state (finish, cancel, expire, poison, a failed
+-- dependency), not at the end of its read block. done: the key from KEYS (nil: skip).
+local function mark_done(done, state)
+  if not done then return end
+  redis.call('XADD', done, 'MAXLEN', 1, '*', 'state', state)
+  redis.call('EXPIRE', done, 60)
+end
+
 -- A dependency ended against what the job asked of it: the job fails with reason
 -- dependency_failed and is settled, so its own dependents hear of it in turn.
--- k = {job, events, settle}: keys from the script's KEYS.
+-- k = {job, events, settle, done}: keys from the script's KEYS (done optional: the job's
+-- done stream, whose followers are woken).
 local function fail_dependency(k, id, dep_id, dep_state, now, maxlen, by)
   local text = 'dependency ' .. dep_id .. ' ended ' .. dep_state
   redis.call('HSET', k.job, 'state', 'failed', 'finished_at', now, 'reason', 'dependency_failed',
              'error', text, 'wait_reason', '')
   emit(k.events, maxlen, k.job, id, 'failed', now, by, {'reason', 'dependency_failed'})
   settle(k.settle, k.job, id, 'failed')
+  mark_done(k.done, 'failed')
 end
 
 -- Hand a host on (grant.lua and settle.lua): the released job lets go of the host if it

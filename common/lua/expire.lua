@@ -3,7 +3,7 @@
 -- Due-ness is decided by Redis' clock; the caller proposes candidates.
 --
 -- KEYS[1] events stream, KEYS[2] settle stream, KEYS[3] stale zset, KEYS[4] delayed zset
--- per candidate i (stride 3, from KEYS[5]): job hash, queue zset, hostwait zset
+-- per candidate i (stride 4, from KEYS[5]): job hash, queue zset, hostwait zset, done stream
 -- ARGV[1] events MAXLEN, ARGV[2] TTL s of a finished job, ARGV[3] scheduler id
 -- ARGV[3 + i] job id of the i-th candidate
 -- Returns the number of jobs expired.
@@ -13,20 +13,24 @@ local maxlen, ttl, by = ARGV[1], tonumber(ARGV[2]), ARGV[3]
 local now = now_ms()
 local expired = 0
 
-for i = 0, (#KEYS - 4) / 3 - 1 do
-  local job, queue, hostwait = KEYS[5 + 3 * i], KEYS[6 + 3 * i], KEYS[7 + 3 * i]
+for i = 0, (#KEYS - 4) / 4 - 1 do
+  local job, queue, hostwait, done = KEYS[5 + 4 * i], KEYS[6 + 4 * i], KEYS[7 + 4 * i],
+    KEYS[8 + 4 * i]
   local id = ARGV[4 + i]
   local deadline = tonumber(redis.call('ZSCORE', stale, id))
   if deadline and deadline <= now then
     redis.call('ZREM', stale, id)
-    if redis.call('HGET', job, 'state') == 'queued' then
+    local h = redis.call('HMGET', job, 'state', 'host')
+    if h[1] == 'queued' then
       redis.call('ZREM', queue, id)
-      redis.call('ZREM', hostwait, id)
+      -- without a host the caller passes a stand-in key (the job hash): never ZREM that
+      if h[2] and h[2] ~= '' then redis.call('ZREM', hostwait, id) end
       redis.call('ZREM', delayed, id)
       redis.call('HSET', job, 'state', 'expired', 'finished_at', now, 'reason', 'stale',
                  'error', 'waited longer than its stale_after', 'wait_reason', '')
       emit(events, maxlen, job, id, 'expired', now, by, {'reason', 'stale'})
       settle(settle_stream, job, id, 'expired')
+      mark_done(done, 'expired')
       redis.call('EXPIRE', job, ttl)
       expired = expired + 1
     end

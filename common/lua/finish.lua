@@ -80,8 +80,7 @@ local function finish_one(k, a, c)
   settle(k.settle, job, id, outcome, {h[12], h[13]})
   redis.call('EXPIRE', job, c.ttl)
   redis.call('EXPIRE', k.log, c.ttl)
-  redis.call('XADD', k.done, 'MAXLEN', 1, '*', 'state', outcome)
-  redis.call('EXPIRE', k.done, 60)
+  mark_done(k.done, outcome)
   return outcome
 end
 

@@ -10,7 +10,8 @@
 -- KEYS[3] events stream       {tidal}:events
 -- KEYS[4] ledger hash         {tidal}:ledger
 -- KEYS[5] settle stream       {tidal}:settle
--- KEYS[5 + i] job hash of the i-th entry
+-- per entry i (stride 2, from KEYS[6]): its job hash, its done stream (wakes its log
+--   followers when it ends here)
 -- ARGV[1] consumer group of the dispatch stream
 -- ARGV[2] events MAXLEN
 -- ARGV[3] max deliveries (a job lost more often fails with reason 'poison')
@@ -27,8 +28,8 @@ local handed_back = ARGV[6] == 'handed_back'
 local now = now_ms()
 local requeued, failed = 0, 0
 
-for i = 1, #KEYS - 5 do
-  local job, entry = KEYS[5 + i], ARGV[6 + i]
+for i = 1, (#KEYS - 5) / 2 do
+  local job, done, entry = KEYS[4 + 2 * i], KEYS[5 + 2 * i], ARGV[6 + i]
   redis.call('XACK', stream, group, entry)
   redis.call('XDEL', stream, entry)
   local h = redis.call('HMGET', job, 'state', 'dispatch_id', 'id', 'score', 'lost', 'worker',
@@ -49,6 +50,7 @@ for i = 1, #KEYS - 5 do
                  'dispatch_id', '')
       emit(events, maxlen, job, h[3], final, now, by, {'reason', reason, 'lost', lost})
       settle(settle_stream, job, h[3], final)
+      mark_done(done, final)
       redis.call('EXPIRE', job, ttl)
       failed = failed + 1
     else

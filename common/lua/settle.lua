@@ -17,7 +17,8 @@
 --   its owner's user hash, its deps set, its dependents set;
 --   with a host: the host string, its hostwait zset;
 --     with a proposed waiter: the waiter's job hash, the waiter's queue zset;
---   per dependent told: its job hash, deps set, queue zset, host string, hostwait zset
+--   per dependent told: its job hash, deps set, queue zset, host string, hostwait zset,
+--     done stream (woken should the dependent fail)
 --     (for a dependent without a host, any key may stand in for the last two)
 -- ARGV[1] consumer group, ARGV[2] events MAXLEN, ARGV[3] priority step ms,
 -- ARGV[4] scheduler id
@@ -66,9 +67,9 @@ while ai <= #ARGV do
   else
     for j = 1, n do
       local dk = {job = KEYS[ki], deps = KEYS[ki + 1], queue = KEYS[ki + 2], host = KEYS[ki + 3],
-                  hostwait = KEYS[ki + 4], delayed = delayed, hosts = hosts, stale = stale,
-                  events = events, settle = stream}
-      ki = ki + 5
+                  hostwait = KEYS[ki + 4], done = KEYS[ki + 5], delayed = delayed, hosts = hosts,
+                  stale = stale, events = events, settle = stream}
+      ki = ki + 6
       resolve_dependent(dk, id, state, now, maxlen, step, by)
     end
   end

@@ -26,13 +26,18 @@
 -- Batch mode (ARGV[1] = '*'): many jobs of one owner in one call (the API's POST /jobs),
 -- checked against the limits as a whole before anything is written, so a batch is
 -- accepted whole or refused whole. The same writes per job as above, with the counters
--- (user's active jobs, submission counter) bumped once per call.
+-- (user's active jobs, submission counter) bumped once per call and the events stream
+-- trimmed (MAXLEN ~) once per call.
 -- KEYS[1] submissions stream, KEYS[2] events stream, KEYS[3] user hash,
 -- KEYS[4] submission counter, then three keys per job: job hash, idempotency string (the
 --   job hash again when it has no key), queue zset
 -- ARGV[2] events MAXLEN, ARGV[3] owner, ARGV[4] limit of active jobs (0 = none),
--- ARGV[5] queue size limit (0 = none), then per job: id, idempotency TTL (0 = no key),
---   n = the number of field/value items that follow, then those n items (queue among them)
+-- ARGV[5] queue size limit (0 = none), ARGV[6] stale_after (ms) of jobs that give none
+--   (0 = none), then per job: id, idempotency TTL (0 = no key), the values of the fields
+--   every job has: kind, queue, priority, retries, spec; then n = the number of
+--   field/value items that follow, and those n items (host, stale_after, ndeps, ...).
+--   Fixed fields by position and one default for all: about half the arguments per job
+--   (each one costs the API its packing and this script a Lua string).
 -- Returns {1, status, id, created_ms, status, id, created_ms, ...} with status 1 accepted or
 --   0 deduplicated (id: the existing job, created_ms 0 when it is not known);
 --   {-4, active} or {-5, size, i} (i: the first job of the full queue) with nothing written.
@@ -42,34 +47,37 @@ local function submit_batch()
   local subs, events, user, seq = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
   local maxlen, owner = ARGV[2], ARGV[3]
   local max_active, max_queue = tonumber(ARGV[4]), tonumber(ARGV[5])
-  local jobs, out, taken, per_queue = {}, {1}, {}, {}
-  local fresh, a, k = 0, 6, 5
+  local stale_default = ARGV[6] ~= '0' and ARGV[6] or nil
+  -- per job (index i): where its arguments start, and 1 when it is to be written; its
+  -- keys are KEYS[3i + 2 .. 3i + 4]
+  local starts, fresh_at, out, taken, per_queue = {}, {}, {1}, {}, {}
+  local fresh, a, i = 0, 7, 0
   while a <= #ARGV do
-    local id, ttl, n = ARGV[a], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
-    local job = {key = KEYS[k], idem = KEYS[k + 1], queue = KEYS[k + 2], id = id, ttl = ttl,
-                 from = a + 3, to = a + 2 + n, index = #jobs + 1}
+    i = i + 1
+    local key, idem, id, ttl = KEYS[3 * i + 2], KEYS[3 * i + 3], ARGV[a], tonumber(ARGV[a + 1])
+    starts[i] = a
     local status, rid, created = 1, id, 0
-    local earlier = ttl > 0 and (taken[job.idem] or redis.call('GET', job.idem))
+    local earlier = ttl > 0 and (taken[idem] or redis.call('GET', idem))
     if earlier then
       status, rid = 0, earlier
-    elseif taken[job.key] or redis.call('EXISTS', job.key) == 1 then
+    elseif taken[key] or redis.call('EXISTS', key) == 1 then
       status = 0
-      created = tonumber(redis.call('HGET', job.key, 'created_at')) or 0
+      created = tonumber(redis.call('HGET', key, 'created_at')) or 0
     else
       fresh = fresh + 1
-      taken[job.key] = id
-      if ttl > 0 then taken[job.idem] = id end
-      local q = per_queue[job.queue]
+      fresh_at[i] = true
+      taken[key] = id
+      if ttl > 0 then taken[idem] = id end
+      local queue = KEYS[3 * i + 4]
+      local q = per_queue[queue]
       if not q then
-        q = {count = 0, first = job.index}
-        per_queue[job.queue] = q
+        q = {count = 0, first = i}
+        per_queue[queue] = q
       end
       q.count = q.count + 1
     end
-    job.status = status
-    jobs[#jobs + 1] = job
-    out[#out + 1], out[#out + 2], out[#out + 3] = status, rid, created
-    a, k = a + 3 + n, k + 3
+    out[3 * i - 1], out[3 * i], out[3 * i + 1] = status, rid, created
+    a = a + 8 + tonumber(ARGV[a + 7])
   end
   if fresh == 0 then return out end
 
@@ -84,29 +92,44 @@ local function submit_batch()
 
   local now = now_ms()
   local sub_seq = redis.call('INCRBY', seq, fresh) - fresh
-  for i = 1, #jobs do
-    local job = jobs[i]
-    if job.status == 1 then
+  for j = 1, i do
+    if fresh_at[j] then
       sub_seq = sub_seq + 1
-      local fields = {'HSET', job.key, 'id', job.id, 'state', 'pending', 'created_at', now,
-                      'attempt', 0, 'owner', owner, 'sub_seq', sub_seq, 'seq', 1}
-      local entry = {'XADD', subs, '*', 'id', job.id, 'q', 'default', 'h', '', 'd', '0'}
-      for f = job.from, job.to, 2 do
-        local name, value = ARGV[f], ARGV[f + 1]
-        fields[#fields + 1], fields[#fields + 2] = name, value
-        if name == 'queue' then entry[7] = value
-        elseif name == 'host' then entry[9] = value
-        elseif name == 'ndeps' then entry[11] = value end
+      local at, key = starts[j], KEYS[3 * j + 2]
+      local id, n = ARGV[at], tonumber(ARGV[at + 7])
+      local host, ndeps = '', '0'
+      if n == 0 and stale_default then  -- the common case: one call, no table
+        redis.call('HSET', key, 'id', id, 'state', 'pending', 'created_at', now,
+                   'attempt', 0, 'owner', owner, 'sub_seq', sub_seq, 'seq', 1,
+                   'kind', ARGV[at + 2], 'queue', ARGV[at + 3], 'priority', ARGV[at + 4],
+                   'retries', ARGV[at + 5], 'spec', ARGV[at + 6], 'stale_after', stale_default)
+      else
+        local fields = {'HSET', key, 'id', id, 'state', 'pending', 'created_at', now,
+                        'attempt', 0, 'owner', owner, 'sub_seq', sub_seq, 'seq', 1,
+                        'kind', ARGV[at + 2], 'queue', ARGV[at + 3], 'priority', ARGV[at + 4],
+                        'retries', ARGV[at + 5], 'spec', ARGV[at + 6]}
+        local stale = stale_default
+        for f = at + 8, at + 7 + n, 2 do
+          local name, value = ARGV[f], ARGV[f + 1]
+          fields[#fields + 1], fields[#fields + 2] = name, value
+          if name == 'host' then host = value
+          elseif name == 'ndeps' then ndeps = value
+          elseif name == 'stale_after' then stale = nil end
+        end
+        if stale then fields[#fields + 1], fields[#fields + 2] = 'stale_after', stale end
+        redis.call(unpack(fields))
       end
-      redis.call(unpack(fields))
-      if job.ttl > 0 then redis.call('SET', job.idem, job.id, 'EX', job.ttl) end
-      redis.call(unpack(entry))
-      -- the first event, as emit() writes it (the hash's seq was set to 1 above)
-      redis.call('XADD', events, 'MAXLEN', '~', maxlen, '*', 'job', job.id, 'seq', 1,
-                 'state', 'pending', 'at', now, 'by', owner)
-      out[(i - 1) * 3 + 4] = now
+      local ttl = tonumber(ARGV[at + 1])
+      if ttl > 0 then redis.call('SET', KEYS[3 * j + 3], id, 'EX', ttl) end
+      redis.call('XADD', subs, '*', 'id', id, 'q', ARGV[at + 3], 'h', host, 'd', ndeps)
+      -- the first event, as emit() writes it (the hash's seq was set to 1 above); the
+      -- stream is trimmed once for the call, below
+      redis.call('XADD', events, '*', 'job', id, 'seq', 1, 'state', 'pending', 'at', now,
+                 'by', owner)
+      out[3 * j + 1] = now
     end
   end
+  redis.call('XTRIM', events, 'MAXLEN', '~', maxlen)
   redis.call('HINCRBY', user, 'active', fresh)
   return out
 end

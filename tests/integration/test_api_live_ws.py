@@ -165,3 +165,30 @@ def test_bad_commands_answer_the_envelope_and_keep_the_connection(
         ws.send_text("[]")  # still answering
         assert ws.receive_json()["error"]["code"] == "validation_error"
 
+
+
+def test_batch_follow_sends_a_read_as_one_lines_message(
+    client: TestClient, h: Harness, r: redis.Redis, keys: Keys
+) -> None:
+    """With batch, a read's lines are one `lines` message (each line with its id); a
+    progress entry keeps its own message in its place; reconnecting after any line's id
+    gives exactly the lines after it."""
+    job_id = str(client.post("/jobs", json={"command": ["make"]}).json()["id"])
+    ids = write(r, keys, job_id, ["a", "b"])
+    ids.append(str(r.xadd(keys.log(job_id), {"s": "p", "t": T0, "l": "progress 50%",
+                                              "pc": "50", "st": "", "m": ""})))
+    ids += write(r, keys, job_id, ["c"])
+    h.step()
+    h.take("w1")
+    h.finish(job_id)  # over: the follow reads the whole log at once, then ends
+    with client.websocket_connect("/ws") as ws:
+        ws.send_json({"cmd": "reconnect_job", "id": job_id, "after": None, "batch": True})
+        got = [m for m in until(ws, "end") if m["type"] in ("lines", "line", "progress")]
+        ws.send_json({"cmd": "reconnect_job", "id": job_id, "after": ids[0], "batch": True})
+        again = [m for m in until(ws, "end") if m["type"] == "lines"]
+    assert [m["type"] for m in got] == ["lines", "progress", "lines"]
+    assert [(x["id"], x["text"], x["stream"]) for x in got[0]["lines"]] == [
+        (ids[0], "a", "stdout"), (ids[1], "b", "stdout")]
+    assert got[1]["id"] == ids[2] and got[1]["percent"] == 50.0
+    assert [x["id"] for x in got[2]["lines"]] == [ids[3]]
+    assert [x["text"] for m in again for x in m["lines"]] == ["b", "c"]

@@ -166,7 +166,8 @@ def test_follow_reports_redis_failure_as_an_error_event(
     async def broken(*_: Any, **__: Any) -> Any:
         raise redis.exceptions.ConnectionError("Connection refused")
 
-    monkeypatch.setattr(client.app.state.tidal.redis, "xread", broken)  # type: ignore[attr-defined]
+    reader = log_routes.raw_reader(client.app.state.tidal.redis)  # type: ignore[attr-defined]
+    monkeypatch.setattr(reader, "xread", broken)
     [frame] = follow(client, job_id)
     assert frame["event"] == "error"
     assert orjson.loads(frame["data"]) == {
@@ -178,3 +179,27 @@ def test_follow_other_users_job_is_404(client: TestClient, job_id: str) -> None:
     resp = client.get(f"/jobs/{job_id}/logs", params={"follow": "true"},
                       headers={"Authorization": f"Bearer {token}"})
     assert resp.status_code == 404 and resp.json()["error"]["code"] == "not_found"
+
+
+def test_batch_follow_sends_a_read_as_one_lines_frame(client: TestClient, r: redis.Redis,
+                                                      keys: Keys, job_id: str) -> None:
+    """batch=true: a read's run of lines is one `lines` frame whose id is its last line's;
+    each line keeps its own id; a progress entry keeps its own frame in its place."""
+    ids = write_lines(r, keys, job_id, [("o", "one"), ("e", 'two "2"')])
+    ids.append(str(r.xadd(keys.log(job_id), {"s": "p", "t": T0, "l": "progress 40%",
+                                              "pc": "40", "st": "build", "m": ""})))
+    ids += write_lines(r, keys, job_id, [("x", "three")])
+    finish(r, keys, job_id)
+    frames = follow(client, job_id, params={"batch": "true"})
+    assert [(f["event"], f.get("id")) for f in frames] == [
+        ("lines", ids[1]), ("progress", ids[2]), ("lines", ids[3]), ("end", None)]
+    assert orjson.loads(frames[0]["data"]) == {"lines": [
+        {"id": ids[0], "stream": "stdout", "time": "2026-01-01T00:00:00.000Z", "text": "one"},
+        {"id": ids[1], "stream": "stderr", "time": "2026-01-01T00:00:00.001Z",
+         "text": 'two "2"'}]}
+    assert orjson.loads(frames[1]["data"])["percent"] == 40.0
+    assert [x["text"] for x in orjson.loads(frames[2]["data"])["lines"]] == ["three"]
+    # resuming after a frame's id, or after any line's own id, loses and repeats nothing
+    again = follow(client, job_id, params={"batch": "true"}, headers={"Last-Event-ID": ids[0]})
+    assert [x["id"] for f in again if f["event"] == "lines"
+            for x in orjson.loads(f["data"])["lines"]] == [ids[1], ids[3]]

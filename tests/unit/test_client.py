@@ -148,6 +148,42 @@ def test_submit_with_nan_is_refused_not_sent_as_nan() -> None:
             client.submit({"kind": "python", "function": "m:f", "kwargs": {"x": [float("inf")]}})
 
 
+def test_submit_many_sends_each_job_as_submit_would_and_reads_the_batch() -> None:
+    subs: list[Any] = [{"command": ["a"], "priority": "high"},
+                       {"kind": "python", "function": "m:f", "args": [1, "ü"], "timeout": 5},
+                       {"command": "echo hi", "resources": {"cpu": 1}}]
+    subs.append(Client._model({"command": ["b"], "tags": {"t": "1"}}))  # a model as is
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(202, json={"jobs": [job_doc(f"J{i}") for i in range(len(subs))]})
+
+    with make_client(handler) as client:
+        jobs = client.submit_many(subs)
+    assert [j.id for j in jobs] == ["J0", "J1", "J2", "J3"]
+    assert all(isinstance(j, Job) and j.state == State.PENDING for j in jobs)
+    (request,) = seen
+    assert request.headers["content-type"] == "application/json"
+    assert json.loads(request.content) == [Client._body(s) for s in subs]
+    assert json.loads(request.content)[1] == {"kind": "python", "function": "m:f",
+                                              "args": [1, "ü"], "timeout": 5.0}
+
+
+def test_submit_many_refuses_the_first_bad_job_as_submit_does() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise AssertionError("an invalid batch must not be sent")
+
+    with make_client(handler) as client:
+        with pytest.raises(InvalidSubmission) as info:
+            client.submit_many([{"command": ["true"]}, {"command": ["x"], "priority": "urgent"},
+                                {"command": ["y"], "retries": -1}])
+        assert [d["loc"] for d in info.value.details] == ["priority"]
+        with pytest.raises(InvalidSubmission, match="not valid JSON"):
+            client.submit_many([{"command": ["true"]},
+                                {"kind": "python", "function": "m:f", "args": [float("nan")]}])
+
+
 @pytest.mark.parametrize(("key", "calls"), [(None, 1), ("deploy-1", 3)])
 def test_submit_retries_only_with_an_idempotency_key(key: str | None, calls: int) -> None:
     seen: list[bytes] = []

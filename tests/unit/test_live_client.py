@@ -266,3 +266,29 @@ def test_watch_yields_each_changed_document_then_the_final_one() -> None:
     assert [(d.state, d.progress.percent if d.progress else None) for d in docs] == [
         (State.RUNNING, None), (State.RUNNING, 50), (State.COMPLETED, None)]
     assert len(requests) == 4
+
+
+def test_follow_asks_for_batches_and_resumes_after_the_last_line_yielded() -> None:
+    """The SDK asks for `lines` frames; each line inside one is a LogLine with its own id;
+    a connection dropped after a frame resumes after that frame's last line."""
+    def lines_frame(*items: tuple[str, str]) -> str:
+        data = {"lines": [{"id": i, "stream": "stdout", "time": "2026-01-01T00:00:00.000Z",
+                           "text": t} for i, t in items]}
+        return f"id: {items[-1][0]}\nevent: lines\ndata: {json.dumps(data)}\n\n"
+
+    seen: list[tuple[str | None, str | None]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append((request.headers.get("last-event-id"), request.url.params.get("batch")))
+        if len(seen) == 1:  # dropped after one whole frame and half of the next
+            return sse([lines_frame(("1-0", "one"), ("1-1", "two")),
+                        'id: 2-0\nevent: lines\ndata: {"lines": [{"id": "2-0"'])
+        return sse([lines_frame(("2-0", "three")), line_frame("3-0", "four"),
+                    end_frame(state="completed")])
+
+    with make_client(handler) as client:
+        items = list(client.follow("J1"))
+    assert seen == [(None, "true"), ("1-1", "true")]
+    got = [(i.id, i.text) for i in items if isinstance(i, LogLine)]
+    assert got == [("1-0", "one"), ("1-1", "two"), ("2-0", "three"), ("3-0", "four")]
+    assert isinstance(items[-1], Job)

@@ -118,15 +118,20 @@ class FakePipe:
             return
         assert sha == "log_append"
         maxlen, channel, count, lines = int(args[0]), args[1], args[2], args[3:]
+        added = 0
         for i in range(0, len(lines), 4):
             stream, at, text, continued = lines[i:i + 4]
-            fields: dict[str, Any] = {"s": stream, "t": at, "l": text}
-            if continued == "1":
-                fields["c"] = "1"
-            self.xadd(keys[0], fields, maxlen=maxlen, approximate=True)
+            # c = 'n': several whole lines, each ended by '\n' (see log_append.lua)
+            assert continued != "n" or text.endswith("\n")
+            for line in text.split("\n")[:-1] if continued == "n" else [text]:
+                fields: dict[str, Any] = {"s": stream, "t": at, "l": line}
+                if continued == "1":
+                    fields["c"] = "1"
+                self.xadd(keys[0], fields, maxlen=maxlen, approximate=True)
+                added += 1
         if channel:
             self.publish(channel, count)
-        self.replies.append(len(lines) // 4)
+        self.replies.append(added)
 
     def xadd(self, key: str, fields: dict[str, Any], maxlen: int, approximate: bool) -> None:
         # the output cap, plus one per progress entry written (they never push output out)
@@ -229,3 +234,57 @@ def test_lines_survive_a_failed_flush_in_order() -> None:
     assert w.flush() is True
     texts = [args[1]["l"] for op, args in client.batches[0] if op == "xadd"]
     assert texts == ["1", "2"]
+
+
+def test_the_ascii_fast_path_splits_like_the_general_one() -> None:
+    """LineSplitter's one-decode path gives the same chunks as the byte-by-line path, for
+    any cut of the input (CR, over-long lines, non-ASCII and empty lines included)."""
+    import random
+
+    class Slow(LineSplitter):
+        def _feed_ascii(self, data: bytes) -> list[tuple[str, bool]] | None:
+            return None
+
+    rng = random.Random(7)
+    pieces = [b"a", b"bc", b"\n", b"\r\n", b"\n\n", b"x" * 9, b"\xc3\xa9", b"\xff", b"12345"]
+    for _ in range(300):
+        data = b"".join(rng.choice(pieces) for _ in range(rng.randint(0, 40)))
+        cuts = sorted(rng.sample(range(len(data) + 1), min(len(data) + 1, rng.randint(0, 6))))
+        fast, slow = LineSplitter(8), Slow(8)
+        got: list[tuple[str, bool]] = []
+        want: list[tuple[str, bool]] = []
+        start = 0
+        for cut in [*cuts, len(data)]:
+            got += fast.feed(data[start:cut])
+            want += slow.feed(data[start:cut])
+            start = cut
+        assert got + fast.close() == want + slow.close(), data
+
+
+def test_a_flood_goes_out_joined_and_comes_back_line_by_line() -> None:
+    """Lines of one read share their time and travel as one argument; continued chunks,
+    lines holding a newline and another stream break the run; every line is one entry."""
+    client = FakeClient()
+    w = writer(client)
+    w.add_chunks("o", [("1", False), ("2", False), ("", False), ("long", True), ("er", False)])
+    w.add("x", "two\nlines")
+    w.add_chunks("e", [("e1", False), ("e2", False)])
+    w.close()
+    [ops] = client.batches
+    entries = [fields for op, (_, fields) in ops if op == "xadd"]
+    assert [(f["s"], f["l"], f.get("c")) for f in entries] == [
+        ("o", "1", None), ("o", "2", None), ("o", "", None), ("o", "long", "1"),
+        ("o", "er", None), ("x", "two\nlines", None), ("e", "e1", None), ("e", "e2", None)]
+    assert ops[-1] == ("publish", ("{p}:logs:j1", 8))
+
+
+def test_add_chunks_counts_the_budget_like_add() -> None:
+    client = FakeClient(max_lines=5)
+    w = LogWriter(client, Keys("{p}"), "j1", flush_ms=10_000, max_lines=5)
+    w.add_chunks("o", [(str(i), False) for i in range(3)])
+    assert not w.full
+    w.add_chunks("o", [(str(i), False) for i in range(3, 8)])
+    assert w.full
+    w.close()
+    texts = [f["l"] for batch in client.batches for op, (_, f) in batch if op == "xadd"]
+    assert texts[:5] == ["0", "1", "2", "3", "4"] and "5" not in texts

@@ -1,0 +1,215 @@
+"""Every path to a terminal state wakes the job's live log followers through its done
+stream ({tidal}:done:<id>), not only finish.lua: cancel while queued, reclaim (poison, or
+cancelled while its worker died), expire, and a dependency that ended the wrong way
+(depend.lua at admission, resolve.lua later). A follower blocked on a job that ends by one
+of these paths must end at once, not at the end of its read block."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import orjson
+import pytest
+import redis
+from fastapi.testclient import TestClient
+
+from api.routes import logs as log_routes
+from common import scripts as sc
+from common.jobs import new_job_id, submission_fields
+from common.keys import GROUP_SCHEDULERS, GROUP_WORKERS, Keys
+from common.models import JobSubmission
+from common.streams import ensure_group
+from tests.integration.test_api_logs import parse_frames
+
+MAXLEN = 10_000
+STEP_MS = 300_000
+DEADLINE_S = 30.0
+
+
+def _done_state(r: redis.Redis, keys: Keys, job_id: str) -> str | None:
+    """The state in the job's done stream (None: followers were never woken)."""
+    entries = r.xrange(keys.done(job_id))
+    return str(entries[-1][1]["state"]) if entries else None
+
+
+def _blocked_xread_clients(r: redis.Redis) -> set[str]:
+    return {str(c["id"]) for c in r.client_list()
+            if "b" in str(c.get("flags", "")) and c.get("cmd") == "xread"}
+
+
+def _wait_for(pred: Any, what: str) -> None:
+    """Wait on a condition with a deadline (no sleep as synchronisation: each try is a
+    round trip to the server)."""
+    event = threading.Event()
+    deadline = DEADLINE_S
+    step = 0.01
+    while not pred():
+        if deadline <= 0:
+            raise AssertionError(f"timed out waiting for {what}")
+        event.wait(step)
+        deadline -= step
+
+
+def test_follower_of_a_job_cancelled_while_queued_ends_at_once(
+    client: TestClient, r: redis.Redis, keys: Keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The follower blocks far longer than the test's deadline: only the done stream
+    written by cancel.lua can end its follow in time."""
+    monkeypatch.setattr(log_routes, "BLOCK_MS", 600_000)
+    job_id = str(client.post("/jobs", json={"command": ["make"]}).json()["id"])
+    [first] = [str(r.xadd(keys.log(job_id), {"s": "o", "t": 1, "l": "before"}))]
+    before = _blocked_xread_clients(r)
+    frames: list[dict[str, str]] = []
+    got_line = threading.Event()
+
+    def follow() -> None:
+        with client.stream("GET", f"/jobs/{job_id}/logs", params={"follow": "true"}) as resp:
+            for frame in parse_frames(resp.iter_text()):
+                frames.append(frame)
+                got_line.set()
+
+    follower = threading.Thread(target=follow, daemon=True)
+    follower.start()
+    try:
+        assert got_line.wait(DEADLINE_S)
+        # the follower is now blocked in its XREAD (the job is still pending)
+        _wait_for(lambda: bool(_blocked_xread_clients(r) - before), "the follower to block")
+        resp = client.delete(f"/jobs/{job_id}")
+        assert resp.status_code == 202 and resp.json()["state"] == "cancelled"
+        follower.join(DEADLINE_S)
+        ended = not follower.is_alive()
+    finally:
+        if follower.is_alive():  # unblock it so the app can shut down; the test fails
+            r.xadd(keys.done(job_id), {"state": "cancelled"})
+            follower.join(DEADLINE_S)
+    assert ended, "the follow did not end when its job was cancelled while queued"
+    assert [(f.get("event"), f.get("id")) for f in frames] == [("line", first), ("end", None)]
+    assert orjson.loads(frames[-1]["data"])["state"] == "cancelled"
+    assert _done_state(r, keys, job_id) == "cancelled"
+
+
+# -- each script, against the real server ---------------------------------------------------
+
+
+def _submit(s: sc.Scripts, keys: Keys, **kw: object) -> str:
+    job_id = new_job_id()
+    sub = JobSubmission.model_validate({"command": ["true"], **kw})
+    res = s.run(sc.submit(keys, job_id, "alice", submission_fields(sub), events_maxlen=MAXLEN,
+                          idempotency_key=sub.idempotency_key))
+    return str(res[1])
+
+
+def _pending_admissions(r: redis.Redis, keys: Keys) -> list[sc.Admission]:
+    ensure_group(r, keys.submissions(), GROUP_SCHEDULERS)
+    got = r.xreadgroup(GROUP_SCHEDULERS, "s1", {keys.submissions(): ">"}, count=100)
+    return [sc.Admission(entry_id, f["id"], f["q"], f["h"] or None)
+            for _stream, items in got for entry_id, f in items]
+
+
+def _admit_all(r: redis.Redis, s: sc.Scripts, keys: Keys) -> None:
+    if entries := _pending_admissions(r, keys):
+        s.run(sc.admit(keys, entries, events_maxlen=MAXLEN, priority_step_ms=STEP_MS, by="s1"))
+
+
+def _dispatch_and_start(r: redis.Redis, s: sc.Scripts, keys: Keys, job: str, worker: str) -> str:
+    s.run(sc.dispatch(keys, "default", [job], capacity=sc.Capacity(10), events_maxlen=MAXLEN,
+                      by="s1"))
+    ensure_group(r, keys.dispatch("default"), GROUP_WORKERS)
+    [(_, items)] = r.xreadgroup(GROUP_WORKERS, worker, {keys.dispatch("default"): ">"}, count=1)
+    entry = str(items[0][0])
+    s.run(sc.start(keys, "default", [(entry, job)], worker=worker, events_maxlen=MAXLEN))
+    return entry
+
+
+def test_cancel_of_a_queued_job_writes_its_done_stream(r: redis.Redis, keys: Keys) -> None:
+    s = sc.Scripts(r)
+    queued, running = _submit(s, keys), _submit(s, keys)
+    _admit_all(r, s, keys)
+    _dispatch_and_start(r, s, keys, running, "w1")
+
+    def cancel(job: str) -> object:
+        return s.run(sc.cancel(keys, job, "default", by="alice", events_maxlen=MAXLEN, ttl_s=60))
+
+    assert cancel(queued) == "cancelled"
+    assert _done_state(r, keys, queued) == "cancelled"
+    assert 0 < r.ttl(keys.done(queued)) <= 60
+    # a running job is only flagged: finish.lua ends it (and writes the done stream) later
+    assert cancel(running) == "cancelling"
+    assert _done_state(r, keys, running) is None
+
+
+def test_reclaim_writes_the_done_stream_of_jobs_it_ends_only(r: redis.Redis, keys: Keys) -> None:
+    s = sc.Scripts(r)
+    requeued, poison = _submit(s, keys), _submit(s, keys)
+    _admit_all(r, s, keys)
+    entry = _dispatch_and_start(r, s, keys, poison, "x1")
+    assert s.run(sc.reclaim(keys, "default", [(entry, poison)], max_deliveries=1,
+                            events_maxlen=MAXLEN, ttl_s=60, by="s1")) == [1, 0]
+    assert _done_state(r, keys, poison) is None  # requeued: its followers keep following
+    a = _dispatch_and_start(r, s, keys, poison, "x2")
+    b = _dispatch_and_start(r, s, keys, requeued, "x3")
+    assert s.run(sc.reclaim(keys, "default", [(a, poison), (b, requeued)], max_deliveries=1,
+                            events_maxlen=MAXLEN, ttl_s=60, by="s1")) == [1, 1]
+    assert r.hmget(keys.job(poison), "state", "reason") == ["failed", "poison"]
+    assert _done_state(r, keys, poison) == "failed"
+    assert r.hget(keys.job(requeued), "state") == "queued"
+    assert _done_state(r, keys, requeued) is None
+
+
+def test_expire_writes_the_done_stream(r: redis.Redis, keys: Keys) -> None:
+    s = sc.Scripts(r)
+    stale, fresh = _submit(s, keys, stale_after=0.001), _submit(s, keys, stale_after=3600)
+    _admit_all(r, s, keys)
+    # make the first one due by Redis' own clock (its deadline moved into the past)
+    r.zadd(keys.stale(), {stale: 1})
+    assert s.run(sc.expire(keys, [(stale, "default", None), (fresh, "default", None)],
+                           events_maxlen=MAXLEN, ttl_s=60, by="s1")) == 1
+    assert r.hget(keys.job(stale), "state") == "expired"
+    assert _done_state(r, keys, stale) == "expired"
+    assert _done_state(r, keys, fresh) is None
+
+
+def test_a_dependency_failure_writes_the_done_stream(r: redis.Redis, keys: Keys) -> None:
+    """depend.lua (the dependency had already ended the wrong way) and resolve.lua (it
+    ends the wrong way while the dependent waits) both wake the dependent's followers."""
+    s = sc.Scripts(r)
+    ended, waited = _submit(s, keys), _submit(s, keys)
+    _admit_all(r, s, keys)
+    assert s.run(sc.cancel(keys, ended, "default", by="alice", events_maxlen=MAXLEN,
+                           ttl_s=60)) == "cancelled"
+    early, late = _submit(s, keys, depends_on=[ended]), _submit(s, keys, depends_on=[waited])
+    by_id = {a.job_id: a for a in _pending_admissions(r, keys)}
+    results = [s.run(sc.depend(keys, by_id[job], [(dep, "success")], events_maxlen=MAXLEN,
+                               priority_step_ms=STEP_MS, by="s1"))
+               for job, dep in ((early, ended), (late, waited))]
+    assert results == ["failed", "queued"]
+    assert _done_state(r, keys, early) == "failed"
+    assert _done_state(r, keys, late) is None
+
+    assert s.run(sc.cancel(keys, waited, "default", by="alice", events_maxlen=MAXLEN,
+                           ttl_s=60)) == "cancelled"
+    assert s.run(sc.resolve(keys, late, "default", None, waited, "cancelled",
+                            events_maxlen=MAXLEN, priority_step_ms=STEP_MS,
+                            by="s1")) == "failed"
+    assert r.hmget(keys.job(late), "state", "reason") == ["failed", "dependency_failed"]
+    assert _done_state(r, keys, late) == "failed"
+
+
+def test_a_dependent_failed_by_settle_has_its_done_stream_written(
+    r: redis.Redis, keys: Keys, settings: Any
+) -> None:
+    """The scheduler's settle pass (settle.lua) fails the dependents of a job that ended
+    the wrong way: their followers are woken too."""
+    from tests.integration.harness import Harness
+
+    h = Harness(r, keys, settings)
+    h.worker("w1", slots=2)
+    parent = h.submit()
+    child = h.submit(depends_on=[parent])
+    h.step()
+    h.take("w1")
+    h.finish(parent, "failed", exit_code=1)
+    h.step()
+    assert h.state(child) == "failed" and h.field(child, "reason") == "dependency_failed"
+    assert _done_state(r, keys, child) == "failed"
