@@ -20,6 +20,7 @@ from starlette.datastructures import State
 
 from api.deps import AppState
 from common.clock import monotonic
+from common.models import TERMINAL_STATES
 
 log = structlog.get_logger("api")
 
@@ -40,7 +41,8 @@ def xread_entries(reply: Any) -> list[Entry]:
 class JobWatch:
     def __init__(self, ctx: AppState) -> None:
         self.ctx = ctx
-        self.waiters: dict[str, set[asyncio.Event]] = {}
+        # job id → its waiters: each an event, and whether only a terminal state wakes it
+        self.waiters: dict[str, dict[asyncio.Event, bool]] = {}
         self.last = "0-0"
         self.task: asyncio.Task[None] | None = None
 
@@ -68,18 +70,27 @@ class JobWatch:
                 continue
             for entry_id, fields in xread_entries(reply):
                 self.last = entry_id
-                for waiter in self.waiters.get(fields.get("job", ""), ()):
-                    waiter.set()
+                waiters = self.waiters.get(fields.get("job", ""))
+                if not waiters:
+                    continue
+                final = fields.get("state") in TERMINAL_STATES
+                for waiter, final_only in waiters.items():
+                    if final or not final_only:
+                        waiter.set()
 
     async def _seq(self, job_id: str) -> str | None:
         seq: str | None = await self.ctx.redis.hget(self.ctx.keys.job(job_id), "seq")
         return seq
 
-    async def changed(self, job_id: str, seq: str | None, timeout: float) -> bool:
+    async def changed(self, job_id: str, seq: str | None, timeout: float, *,
+                      finished: bool = False) -> bool:
         """Wait until the job's `seq` is no longer `seq` (True) or `timeout` seconds passed
-        or the server is stopping (False)."""
+        or the server is stopping (False). With `finished`, only an event of a terminal
+        state wakes the wait early (a long-poll `until=finished` would otherwise read the
+        job at each of its transitions); the RECHECK_S look at `seq` still runs, so an
+        answer may come at a transition, and the caller checks the state itself."""
         woken = asyncio.Event()
-        self.waiters.setdefault(job_id, set()).add(woken)
+        self.waiters.setdefault(job_id, {})[woken] = finished
         deadline = monotonic() + timeout
         try:
             await self._ensure_reader()  # before the first look, so no event falls between
@@ -92,8 +103,8 @@ class JobWatch:
                 woken.clear()
             return True
         finally:
-            mine = self.waiters.get(job_id, set())
-            mine.discard(woken)
+            mine = self.waiters.get(job_id, {})
+            mine.pop(woken, None)
             if not mine:
                 self.waiters.pop(job_id, None)
 

@@ -443,7 +443,8 @@ async def get_job(
     deadline = monotonic() + wait
     while seq is not None and not state.terminal:
         left = deadline - monotonic()
-        if left <= 0 or not await job_watch(request.app.state, ctx).changed(job_id, seq, left):
+        if left <= 0 or not await job_watch(request.app.state, ctx).changed(
+                job_id, seq, left, finished=until == "finished"):
             break
         h = await ctx.redis.hgetall(key)
         if until != "finished" or not h.get("state"):  # gone from Redis: the mirror has it

@@ -158,6 +158,47 @@ def test_until_finished_ended_early_answers_the_latest_state(
     assert answer["body"]["poll_after_ms"] == 1000
 
 
+def test_until_finished_sleeps_through_the_jobs_transitions(
+    client: TestClient, r: redis.Redis, keys: Keys, settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A long-poll until=finished is woken by the job's terminal event only: its queued,
+    dispatched and running events cost the API no read of the job (counted on the server)."""
+    monkeypatch.setattr(watch_module, "RECHECK_S", 600.0)  # no periodic look in this test
+    h = Harness(r, keys, settings)
+    job_id = client.post("/jobs", json={"command": ["true"]}).json()["id"]
+    answer: dict[str, Any] = {}
+
+    def calls(command: str) -> int:
+        stats = r.info("commandstats").get(f"cmdstat_{command}")
+        return int(stats["calls"]) if stats else 0
+
+    before = calls("hgetall")  # only the API reads whole hashes (no script does)
+
+    def poll() -> None:
+        resp = client.get(f"/jobs/{job_id}", params={"wait": 30, "until": "finished"})
+        answer.update(status=resp.status_code, body=resp.json())
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    watch = wait_for(lambda: getattr(client.app.state, "job_watch", None),  # type: ignore[attr-defined]
+                     what="the long-poll to start watching")
+    wait_for(lambda: job_id in watch.waiters, what="the request to wait on the job")
+    h.worker("w1", slots=1)
+    h.step()  # queued, dispatched
+    assert h.take("w1", "default") == [job_id]  # running
+    wait_for(lambda: watch.last == r.xrevrange(keys.events(), count=1)[0][0],
+             what="the reader to pass the running event")
+    hgetall_mid = calls("hgetall")
+    h.finish(job_id)
+    poller.join(timeout=10)
+    assert not poller.is_alive()
+    assert answer["status"] == 200 and answer["body"]["state"] == "completed"
+    # the request reads the job when it begins and when it answers; none at the transitions
+    assert hgetall_mid - before == 1
+    assert calls("hgetall") - before == 2
+
+
 # -- submit.lua batch mode: fixed fields by position, one default stale_after -------------------
 
 
