@@ -48,11 +48,14 @@ class Duties:
 
     # -- admit --------------------------------------------------------------------
     def admit(self, block_ms: int | None = None) -> int:
-        """Read a batch of submissions (blocking briefly) and admit them."""
+        """Read a batch of submissions and admit them. `block_ms`: how long to wait while
+        there are none (None: the setting; 0: not at all, as `Scheduler.step` takes it;
+        XREADGROUP's own BLOCK 0 would wait forever)."""
         c = self.ctx
+        block = c.settings.scheduler_block_ms if block_ms is None else block_ms
         got = c.client.xreadgroup(
             GROUP_SCHEDULERS, c.me, {c.keys.submissions(): ">"}, count=c.settings.admit_batch,
-            block=c.settings.scheduler_block_ms if block_ms is None else block_ms,
+            block=block or None,
         )
         return self._admit_entries([item for _stream, items in got or [] for item in items])
 

@@ -42,33 +42,43 @@ end
 --   else its queue, by score = base ms + level x step ('priority').
 -- A job that already holds its host (a retry, or a waiter just granted) goes to its queue.
 -- k = {job, queue, delayed, host, hostwait, hosts}: keys, all from the script's KEYS.
-local function enqueue(k, id, now, step, base)
-  local h = redis.call('HMGET', k.job, 'priority', 'scheduled_at', 'host', 'sub_seq')
+-- h: the job's priority, scheduled_at, host, sub_seq as h[1..4] if the caller already
+-- read them (nil: read here); extra: field, value pairs to set on the job hash as well.
+-- The hash is written with one HSET (admission runs this per job: each command counts).
+local function enqueue(k, id, now, step, base, h, extra)
+  h = h or redis.call('HMGET', k.job, 'priority', 'scheduled_at', 'host', 'sub_seq')
+  local set = {'HSET', k.job, 'state', 'queued'}
+  local reason = 'priority'
   local due = tonumber(h[2])
   if due and due > now then
     redis.call('ZADD', k.delayed, due, id)
-    redis.call('HSET', k.job, 'state', 'queued', 'wait_reason', 'scheduled_at')
-    return 'scheduled_at'
-  end
-  local score = base + (tonumber(h[1]) or 2) * step
-  redis.call('HSET', k.job, 'score', score)
-  local host = h[3]
-  if host and host ~= '' then
-    redis.call('SADD', k.hosts, host)
-    local holder = redis.call('GET', k.host)
-    if holder ~= id then
-      if holder or redis.call('ZCARD', k.hostwait) > 0 then
-        redis.call('ZADD', k.hostwait, tonumber(h[4]) or now, id)
-        local reason = 'host:' .. host
-        redis.call('HSET', k.job, 'state', 'queued', 'wait_reason', reason)
-        return reason
+    reason = 'scheduled_at'
+  else
+    local score = base + (tonumber(h[1]) or 2) * step
+    set[#set + 1], set[#set + 2] = 'score', score
+    local host = h[3]
+    if host and host ~= '' then
+      local holder = redis.call('GET', k.host)
+      if holder ~= id then
+        if holder or redis.call('ZCARD', k.hostwait) > 0 then
+          -- held or waited for: the name is in the host-names set already (grant_host
+          -- takes it out only when the host is free and no one waits)
+          redis.call('ZADD', k.hostwait, tonumber(h[4]) or now, id)
+          reason = 'host:' .. host
+        else
+          redis.call('SADD', k.hosts, host)
+          redis.call('SET', k.host, id)
+        end
       end
-      redis.call('SET', k.host, id)
     end
+    if reason == 'priority' then redis.call('ZADD', k.queue, score, id) end
   end
-  redis.call('ZADD', k.queue, score, id)
-  redis.call('HSET', k.job, 'state', 'queued', 'wait_reason', 'priority')
-  return 'priority'
+  set[#set + 1], set[#set + 2] = 'wait_reason', reason
+  if extra then
+    for i = 1, #extra do set[#set + 1] = extra[i] end
+  end
+  redis.call(unpack(set))
+  return reason
 end
 
 -- Give back what a dispatched or running job held in the resource ledger. held: the

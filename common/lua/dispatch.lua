@@ -32,19 +32,22 @@ local slots = capacity - redis.call('XLEN', stream)
 local now = now_ms()
 local sent, held = 0, 0
 
+local taken = {}  -- ids dispatched: out of the stale zset with one ZREM at the end
 for i = 1, #KEYS - 5 do
   if slots <= 0 then break end
   local job, id = KEYS[5 + i], ARGV[9 + i]
   local h = redis.call('HMGET', job, 'state', 'res_cpu', 'res_mem', 'res_gpu')
-  if h[1] == 'queued' and redis.call('ZSCORE', queue, id) then
+  if h[1] == 'queued' then
     local need = {tonumber(h[2]) or 0, tonumber(h[3]) or 0, tonumber(h[4]) or 0}
     local fits = true
     for r = 1, 3 do
       if need[r] > 0 and (need[r] > free[r] or need[r] > largest[r]) then fits = false end
     end
-    if fits then
-      redis.call('ZREM', queue, id)
-      redis.call('ZREM', stale, id)
+    -- a queued job may have left this queue since the caller read it (another scheduler
+    -- dispatched it and it was requeued elsewhere, or it waits for its host): ZREM's
+    -- answer says whether it is still here, so no ZSCORE first
+    if fits and redis.call('ZREM', queue, id) == 1 then
+      taken[#taken + 1] = id
       for r = 1, 3 do free[r] = free[r] - need[r] end
       if need[1] + need[2] + need[3] > 0 then
         redis.call('HINCRBYFLOAT', ledger, 'cpu', need[1])
@@ -58,12 +61,15 @@ for i = 1, #KEYS - 5 do
       emit(events, maxlen, job, id, 'dispatched', now, by)
       slots = slots - 1
       sent = sent + 1
-    else
+    elseif not fits and redis.call('ZSCORE', queue, id) then
       redis.call('HSET', job, 'wait_reason', 'resources')
       held = held + 1
     end
-  elseif h[1] ~= 'queued' then
+  else
     redis.call('ZREM', queue, id)  -- a stray member (e.g. left by a repair) must not block
   end
+end
+for i = 1, #taken, 1000 do
+  redis.call('ZREM', stale, unpack(taken, i, math.min(i + 999, #taken)))
 end
 return {sent, held}

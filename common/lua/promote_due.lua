@@ -18,22 +18,29 @@ local delayed, events, hosts = KEYS[1], KEYS[2], KEYS[3]
 local maxlen, step, by = ARGV[1], tonumber(ARGV[2]), ARGV[3]
 local now = now_ms()
 local promoted = 0
+local due_ids, seen = {}, {}  -- out of the delayed set with one ZREM at the end
+local k = {delayed = delayed, hosts = hosts}
 
 for i = 0, (#KEYS - 3) / 4 - 1 do
-  local k = {job = KEYS[4 + 4 * i], queue = KEYS[5 + 4 * i], host = KEYS[6 + 4 * i],
-             hostwait = KEYS[7 + 4 * i], delayed = delayed, hosts = hosts}
+  k.job, k.queue, k.host, k.hostwait = KEYS[4 + 4 * i], KEYS[5 + 4 * i], KEYS[6 + 4 * i],
+    KEYS[7 + 4 * i]
   local id = ARGV[4 + i]
   local due = tonumber(redis.call('ZSCORE', delayed, id))
-  if due and due <= now then
-    redis.call('ZREM', delayed, id)
-    local state = redis.call('HGET', k.job, 'state')
-    if state == 'queued' or state == 'retrying' then
+  if due and due <= now and not seen[id] then  -- (an id proposed twice goes once)
+    seen[id] = true
+    due_ids[#due_ids + 1] = id
+    -- one HMGET: its first four fields are the ones enqueue reads
+    local h = redis.call('HMGET', k.job, 'priority', 'scheduled_at', 'host', 'sub_seq', 'state')
+    if h[5] == 'queued' or h[5] == 'retrying' then
       redis.call('HDEL', k.job, 'scheduled_at')
-      redis.call('HSET', k.job, 'due_at', due)
-      local reason = enqueue(k, id, now, step, due)
+      h[2] = false  -- its start time has come: enqueue must not delay it again
+      local reason = enqueue(k, id, now, step, due, h, {'due_at', due})
       emit(events, maxlen, k.job, id, 'queued', now, by, {'wait_reason', reason})
       promoted = promoted + 1
     end
   end
+end
+for i = 1, #due_ids, 1000 do
+  redis.call('ZREM', delayed, unpack(due_ids, i, math.min(i + 999, #due_ids)))
 end
 return promoted
