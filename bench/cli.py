@@ -45,7 +45,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--jobs", type=int, default=None, help="drain N (default 10,000; quick 2,000)")
     ap.add_argument("--drain-max-s", type=float, default=None,
                     help="time bound of one drain run (default 25 s; quick 15 s)")
-    ap.add_argument("--concurrency", default="8,16,32", help="Tidal worker concurrencies tried")
+    ap.add_argument("--concurrency", default="16,32,64,128",
+                    help="Tidal worker concurrencies tried")
     ap.add_argument("--source", default=None,
                     help="tree whose services are run: a directory, or git:REV (an export of "
                          "that commit); default: this work tree")
