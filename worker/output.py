@@ -342,10 +342,18 @@ class LogWriter:
                 self._lines.popleft()
                 self._dropped += 1
             self._lines.append((stream, now_ms(), text, continued))
-            first = self._first_at is None
-            if first:
-                self._first_at = monotonic()
-            full = len(self._lines) >= BATCH_LINES
+            first, full = self._pending()
+        self._after_add(first, full)
+
+    def _pending(self) -> tuple[bool, bool]:
+        """(the first line since the last flush, the batch is full): with the lock held."""
+        first = self._first_at is None
+        if first:
+            self._first_at = monotonic()
+        return first, len(self._lines) >= BATCH_LINES
+
+    def _after_add(self, first: bool, full: bool) -> None:
+        """Send a full batch now; tell the flusher about a first line (lock released)."""
         if full:
             self.flush()
         elif first and self.on_pending is not None:
@@ -372,14 +380,8 @@ class LogWriter:
                 self._stored = (self._stored[0] + take, chars)
                 ms = now_ms()
                 self._lines.extend([(stream, ms, text, cont) for text, cont in chunks[:take]])
-                first = self._first_at is None
-                if first:
-                    self._first_at = monotonic()
-                full = len(self._lines) >= BATCH_LINES
-        if full:
-            self.flush()
-        elif first and self.on_pending is not None:
-            self.on_pending()
+                first, full = self._pending()
+        self._after_add(first, full)
         for text, continued in chunks[take:] if take > 0 else chunks:
             self.add(stream, text, continued)
 

@@ -8,21 +8,9 @@ local function now_ms()
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
--- Append one transition to the events stream and bump the job's sequence number.
--- extra: optional flat list of field, value pairs carried by the event.
-local function emit(events, maxlen, job_key, job_id, state, at, by, extra)
-  local seq = redis.call('HINCRBY', job_key, 'seq', 1)
-  local args = {'XADD', events, 'MAXLEN', '~', maxlen, '*',
-                'job', job_id, 'seq', seq, 'state', state, 'at', at, 'by', by}
-  if extra then
-    for i = 1, #extra do args[#args + 1] = extra[i] end
-  end
-  redis.call(unpack(args))
-  return seq
-end
-
--- emit() for a script that already read the job's `seq` and writes it back in its own HSET
--- of the job (seq = the new number): one command less per event on the hot path.
+-- Append one transition, numbered `seq`, to the events stream: for a script that read the
+-- job's seq and writes the new number in its own HSET of the job (one command less per
+-- event on the hot path). extra: optional flat list of field, value pairs of the event.
 local function emit_seq(events, maxlen, seq, job_id, state, at, by, extra)
   local args = {'XADD', events, 'MAXLEN', '~', maxlen, '*',
                 'job', job_id, 'seq', seq, 'state', state, 'at', at, 'by', by}
@@ -30,6 +18,13 @@ local function emit_seq(events, maxlen, seq, job_id, state, at, by, extra)
     for i = 1, #extra do args[#args + 1] = extra[i] end
   end
   redis.call(unpack(args))
+end
+
+-- Append one transition to the events stream and bump the job's sequence number.
+local function emit(events, maxlen, job_key, job_id, state, at, by, extra)
+  local seq = redis.call('HINCRBY', job_key, 'seq', 1)
+  emit_seq(events, maxlen, seq, job_id, state, at, by, extra)
+  return seq
 end
 
 local function is_terminal(state)

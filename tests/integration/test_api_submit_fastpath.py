@@ -125,15 +125,10 @@ def test_openapi_keeps_bearer_security_on_the_hot_routes(client: TestClient) -> 
 # -- until=finished -------------------------------------------------------------------------
 
 
-def test_until_finished_ended_early_answers_the_latest_state(
-    client: TestClient, r: redis.Redis, keys: Keys, settings: Settings,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """A wait that ends before the job finished (here: the server stopping) answers the
-    document as it stands then, not the one read when the wait began."""
-    monkeypatch.setattr(watch_module, "RECHECK_S", 0.05)
-    h = Harness(r, keys, settings)
-    job_id = client.post("/jobs", json={"command": ["true"]}).json()["id"]
+def _long_poll_until_finished(client: TestClient, job_id: str
+                              ) -> tuple[threading.Thread, dict[str, Any], Any]:
+    """GET /jobs/{id}?wait=30&until=finished in a thread, once the request waits on the
+    job: (the thread, where its answer lands, the app's JobWatch)."""
     answer: dict[str, Any] = {}
 
     def poll() -> None:
@@ -145,6 +140,19 @@ def test_until_finished_ended_early_answers_the_latest_state(
     watch = wait_for(lambda: getattr(client.app.state, "job_watch", None),  # type: ignore[attr-defined]
                      what="the long-poll to start watching")
     wait_for(lambda: job_id in watch.waiters, what="the request to wait on the job")
+    return poller, answer, watch
+
+
+def test_until_finished_ended_early_answers_the_latest_state(
+    client: TestClient, r: redis.Redis, keys: Keys, settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A wait that ends before the job finished (here: the server stopping) answers the
+    document as it stands then, not the one read when the wait began."""
+    monkeypatch.setattr(watch_module, "RECHECK_S", 0.05)
+    h = Harness(r, keys, settings)
+    job_id = client.post("/jobs", json={"command": ["true"]}).json()["id"]
+    poller, answer, watch = _long_poll_until_finished(client, job_id)
     h.worker("w1", slots=1)
     h.step()
     assert h.take("w1", "default") == [job_id]  # running now
@@ -167,23 +175,13 @@ def test_until_finished_sleeps_through_the_jobs_transitions(
     monkeypatch.setattr(watch_module, "RECHECK_S", 600.0)  # no periodic look in this test
     h = Harness(r, keys, settings)
     job_id = client.post("/jobs", json={"command": ["true"]}).json()["id"]
-    answer: dict[str, Any] = {}
 
     def calls(command: str) -> int:
         stats = r.info("commandstats").get(f"cmdstat_{command}")
         return int(stats["calls"]) if stats else 0
 
     before = calls("hgetall")  # only the API reads whole hashes (no script does)
-
-    def poll() -> None:
-        resp = client.get(f"/jobs/{job_id}", params={"wait": 30, "until": "finished"})
-        answer.update(status=resp.status_code, body=resp.json())
-
-    poller = threading.Thread(target=poll)
-    poller.start()
-    watch = wait_for(lambda: getattr(client.app.state, "job_watch", None),  # type: ignore[attr-defined]
-                     what="the long-poll to start watching")
-    wait_for(lambda: job_id in watch.waiters, what="the request to wait on the job")
+    poller, answer, watch = _long_poll_until_finished(client, job_id)
     h.worker("w1", slots=1)
     h.step()  # queued, dispatched
     assert h.take("w1", "default") == [job_id]  # running
