@@ -481,9 +481,7 @@ class Worker:
                 queued = self._finish(run, outcome)
             except Exception as exc:  # a bug of the worker, not of the job
                 log.exception("job runner failed")
-                error = f"worker error: {exc!r}"
-                queued = self._finish(
-                    run, sc.Outcome("failed", None, error=error, reason="worker_error"))
+                queued = self._fail_worker_error(run, exc)
             finally:
                 if not queued:
                     self._release(run)
@@ -503,12 +501,15 @@ class Worker:
             queued = self._finish(run, outcome)
         except Exception as exc:  # a bug of the worker, not of the job
             log.exception("job runner failed", job_id=run.job_id, attempt=run.attempt)
-            error = f"worker error: {exc!r}"
-            queued = self._finish(
-                run, sc.Outcome("failed", None, error=error, reason="worker_error"))
+            queued = self._fail_worker_error(run, exc)
         finally:
             if not queued:
                 self._release(run)
+
+    def _fail_worker_error(self, run: JobRun, exc: Exception) -> bool:
+        """Fail a job whose runner hit a bug of the worker; True if its outcome is queued."""
+        return self._finish(run, sc.Outcome("failed", None, error=f"worker error: {exc!r}",
+                                            reason="worker_error"))
 
     def _writer(self, run: JobRun, *, flusher: bool = False) -> LogWriter:
         """The job's LogWriter; with `flusher`, flushed on time by the flusher thread (a

@@ -84,12 +84,10 @@ def test_long_poll_answers_as_soon_as_the_job_changes(client: TestClient, h: Har
     assert job_id not in watch.waiters
 
 
-def test_long_poll_until_finished_holds_through_every_transition(
-    client: TestClient, h: Harness
-) -> None:
-    """until=finished: one request answers only with the terminal document (what the
-    SDK's wait and tidal wait use: one request per job instead of one per transition)."""
-    job_id = submit(client)
+def long_poll_until_finished(client: TestClient, job_id: str
+                              ) -> tuple[threading.Thread, dict[str, Any], Any]:
+    """GET /jobs/{id}?wait=30&until=finished in a thread, once the request waits on the
+    job: (the thread, where its answer lands, the app's JobWatch)."""
     answer: dict[str, Any] = {}
 
     def poll() -> None:
@@ -101,6 +99,16 @@ def test_long_poll_until_finished_holds_through_every_transition(
     watch = wait_for(lambda: getattr(client.app.state, "job_watch", None),  # type: ignore[attr-defined]
                      what="the long-poll to start watching")
     wait_for(lambda: job_id in watch.waiters, what="the request to wait on the job")
+    return poller, answer, watch
+
+
+def test_long_poll_until_finished_holds_through_every_transition(
+    client: TestClient, h: Harness
+) -> None:
+    """until=finished: one request answers only with the terminal document (what the
+    SDK's wait and tidal wait use: one request per job instead of one per transition)."""
+    job_id = submit(client)
+    poller, answer, watch = long_poll_until_finished(client, job_id)
     h.worker("w1", slots=1)
     assert run(h, "w1") == [job_id]  # pending → queued → dispatched → running
     wait_for(lambda: job_id in watch.waiters, what="the request to wait again")

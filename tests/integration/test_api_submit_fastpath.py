@@ -6,7 +6,6 @@ answered."""
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 import pytest
@@ -19,6 +18,7 @@ from common.keys import Keys
 from common.models import JobSubmission
 from common.settings import Settings
 from tests.integration.harness import Harness
+from tests.integration.test_api_live import long_poll_until_finished
 from tests.support import wait_for
 
 # submissions whose spec (defaults left out) differs from their document in a nested model
@@ -125,24 +125,6 @@ def test_openapi_keeps_bearer_security_on_the_hot_routes(client: TestClient) -> 
 # -- until=finished -------------------------------------------------------------------------
 
 
-def _long_poll_until_finished(client: TestClient, job_id: str
-                              ) -> tuple[threading.Thread, dict[str, Any], Any]:
-    """GET /jobs/{id}?wait=30&until=finished in a thread, once the request waits on the
-    job: (the thread, where its answer lands, the app's JobWatch)."""
-    answer: dict[str, Any] = {}
-
-    def poll() -> None:
-        resp = client.get(f"/jobs/{job_id}", params={"wait": 30, "until": "finished"})
-        answer.update(status=resp.status_code, body=resp.json())
-
-    poller = threading.Thread(target=poll)
-    poller.start()
-    watch = wait_for(lambda: getattr(client.app.state, "job_watch", None),  # type: ignore[attr-defined]
-                     what="the long-poll to start watching")
-    wait_for(lambda: job_id in watch.waiters, what="the request to wait on the job")
-    return poller, answer, watch
-
-
 def test_until_finished_ended_early_answers_the_latest_state(
     client: TestClient, r: redis.Redis, keys: Keys, settings: Settings,
     monkeypatch: pytest.MonkeyPatch,
@@ -152,7 +134,7 @@ def test_until_finished_ended_early_answers_the_latest_state(
     monkeypatch.setattr(watch_module, "RECHECK_S", 0.05)
     h = Harness(r, keys, settings)
     job_id = client.post("/jobs", json={"command": ["true"]}).json()["id"]
-    poller, answer, watch = _long_poll_until_finished(client, job_id)
+    poller, answer, watch = long_poll_until_finished(client, job_id)
     h.worker("w1", slots=1)
     h.step()
     assert h.take("w1", "default") == [job_id]  # running now
@@ -181,7 +163,7 @@ def test_until_finished_sleeps_through_the_jobs_transitions(
         return int(stats["calls"]) if stats else 0
 
     before = calls("hgetall")  # only the API reads whole hashes (no script does)
-    poller, answer, watch = _long_poll_until_finished(client, job_id)
+    poller, answer, watch = long_poll_until_finished(client, job_id)
     h.worker("w1", slots=1)
     h.step()  # queued, dispatched
     assert h.take("w1", "default") == [job_id]  # running
