@@ -202,7 +202,9 @@ def latency(run: Any, t: Tidal, peers: list[Any]) -> None:
         for r in range(run.args.rounds):
             log(f"round {r + 1}: tidal latency × {run.latency_n}")
             _add({"x": tl}, "x", run.guard("tidal latency",
-                                           lambda: tidal_latency.run_wait(t, run.latency_n)))
+                                           lambda: tidal_latency.run_run(t, run.latency_n)))
+        log(f"tidal latency (submit, then wait: two requests) × {run.latency_n}")
+        two = run.guard("tidal latency two", lambda: tidal_latency.run_wait(t, run.latency_n))
         log(f"tidal latency (GET loop every 0.5 ms) × {run.latency_n}")
         poll = run.guard("tidal latency poll", lambda: tidal_latency.run_poll(t, run.latency_n))
         log(f"tidal latency (SSE follow) × {run.sse_n}")
@@ -220,7 +222,7 @@ def latency(run: Any, t: Tidal, peers: list[Any]) -> None:
         "p99_ms": summary([x["p99"] for x in tl], 2),
         "mode": tl[0]["mode"] if tl else None,
         "hops_ms_p50": tl[-1]["hops_ms_p50"] if tl else None,
-        "runs": tl, "sse": sse, "poll": poll,
+        "runs": tl, "two_requests": two, "sse": sse, "poll": poll,
     }
     for name, rounds in pl.items():
         per = [percentiles(s) for s in rounds]

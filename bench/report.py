@@ -243,6 +243,9 @@ def _tidal_table(res: dict[str, Any]) -> Table:
     if lat.get("hops_ms_p50"):
         extra.add_row("latency hops p50 (ms, Redis clock)",
                       ", ".join(f"{k} {v}" for k, v in lat["hops_ms_p50"].items()))
+    if lat.get("two_requests"):
+        extra.add_row("latency via submit, then wait (two requests) p50 / p99 (ms)",
+                      f"{lat['two_requests'].get('p50')} / {lat['two_requests'].get('p99')}")
     if lat.get("poll"):
         extra.add_row("latency via a GET loop every 0.5 ms p50 / p99 (ms)",
                       f"{lat['poll'].get('p50')} / {lat['poll'].get('p99')}")

@@ -1,9 +1,10 @@
 """Idle latency: sequential no-op jobs, submit → completion seen by the client.
 
-Three ways of seeing completion:
-- `wait` (the headline, like the peers' own push-based waits): the SDK's `submit`, then
-  its `wait`, long-polls of `GET /jobs/{id}?wait=` that each answer as soon as the job
-  changes state;
+Four ways of seeing completion:
+- `run` (the headline, like the peers' own push-based waits): the SDK's `run`, one
+  `POST /jobs?wait=` that answers once the job finished;
+- `wait`: the SDK's `submit`, then its `wait` (long-polls of
+  `GET /jobs/{id}?wait=&until=finished`): two requests;
 - `poll`: `GET /jobs/{id}` in a loop with a 0.5 ms pause until the state is terminal
   (each poll costs the API CPU that the scheduler and worker then lack on 2 cores);
 - `sse`: `GET /jobs/{id}/logs?follow=true` until its `end` event (what `tidal submit
@@ -40,6 +41,24 @@ def _hops(t: Tidal, job_ids: list[str]) -> dict[str, float]:
     names = {"admitted_at": "submit→admit", "dispatched_at": "admit→dispatch",
              "started_at": "dispatch→start", "finished_at": "start→finish"}
     return {names[h]: round(statistics.median(v), 2) for h, v in per.items() if v}
+
+
+def run_run(t: Tidal, n: int) -> dict[str, Any]:
+    samples: list[float] = []
+    ids: list[str] = []
+    with t.client() as c:
+        for _ in range(min(5, n)):  # warm-up: connections, script caches
+            c.run(NOOP, timeout=30)
+        for _ in range(n):
+            t0 = time.perf_counter()
+            done = c.run(NOOP, timeout=30)
+            samples.append((time.perf_counter() - t0) * 1000)
+            assert done.state.terminal
+            ids.append(done.id)
+    out: dict[str, Any] = {"mode": "SDK run (one request: POST /jobs?wait=)",
+                           **percentiles(samples)}
+    out["hops_ms_p50"] = _hops(t, ids)
+    return out
 
 
 def run_wait(t: Tidal, n: int) -> dict[str, Any]:

@@ -285,7 +285,8 @@ class Client:
                 raise InvalidSubmission("args: NaN and Infinity are not valid JSON")
         return _submissions_adapter.dump_python(models, mode="json", exclude_unset=True)
 
-    def _post_jobs(self, payload: Any, retry: bool) -> httpx.Response:
+    def _post_jobs(self, payload: Any, retry: bool, wait: float | None = None
+                   ) -> httpx.Response:
         """POST /jobs. Retried on transport errors and 502/503/504 only when every job carries
         an idempotency_key: otherwise a lost answer could mean a job submitted twice.
         `payload` comes from `_body`/`_bodies`: JSON values, NaN and Infinity refused there
@@ -296,10 +297,16 @@ class Client:
         except TypeError as exc:
             raise InvalidSubmission(f"not valid JSON: {exc}") from exc
         headers = _JSON_BODY
+        params: dict[str, str] = {}
+        timeout: httpx.Timeout | float = self.timeout
+        if wait:
+            params["wait"] = f"{wait:.3f}"
+            timeout = httpx.Timeout(self.timeout, read=wait + self.timeout)
         attempts = self.submit_attempts if retry else 1
         for attempt in range(1, attempts + 1):
             try:
-                response = self._http.post("/jobs", content=content, headers=headers)
+                response = self._http.post("/jobs", content=content, headers=headers,
+                                           params=params, timeout=timeout)
             except httpx.TransportError as exc:
                 if attempt == attempts:
                     error = self._unreachable(exc)
@@ -313,11 +320,27 @@ class Client:
             self._sleep(self.retry_delay * 2 ** (attempt - 1))
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def submit(self, sub: JobSubmission | Mapping[str, Any]) -> Job:
-        """Submit one job; returns the job document (state `pending`)."""
+    def submit(self, sub: JobSubmission | Mapping[str, Any], wait: float | None = None) -> Job:
+        """Submit one job; returns the job document (state `pending`). With `wait` (0..60 s)
+        the server answers once the job finished, or after that long with the job as it
+        stands: `run` is submit-and-wait with no limit on the wait."""
         body = self._body(sub)
-        response = self._post_jobs(body, retry=bool(body.get("idempotency_key")))
+        response = self._post_jobs(body, retry=bool(body.get("idempotency_key")), wait=wait)
         return Job.model_validate_json(response.content)
+
+    def run(self, sub: JobSubmission | Mapping[str, Any], timeout: float | None = None) -> Job:
+        """Submit one job and wait until it finished: one request when it finishes within
+        `long_poll_s`, then long-polls as `wait` does. Raises TimeoutError if it is not done
+        after `timeout` seconds (the job goes on: it was accepted)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        job = self.submit(sub, wait=self.long_poll_s if timeout is None
+                          else min(self.long_poll_s, timeout))
+        if job.state.terminal:
+            return job
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            raise TimeoutError(f"job {job.id} is still {job.state} after {timeout}s")
+        return self.wait(job.id, timeout=left)
 
     def submit_many(self, subs: Iterable[JobSubmission | Mapping[str, Any]]) -> builtins.list[Job]:
         """Submit a batch in one request; returns the jobs in the same order."""

@@ -53,8 +53,7 @@ FLOAT_COLUMNS = {"cpu_s"}
 DERIVED_COLUMNS = ("wait_ms", "run_ms")  # computed from the times (job_row)
 # the hash fields one HMGET per job reads: the columns, and what wait_ms is measured from
 HASH_FIELDS = (*JOB_COLUMNS, "scheduled_at", "due_at")
-GATHER_S = 0.05  # after a small batch of a busy stream, wait this long for more events
-GATHER_MIN = 10  # a batch this big (a few jobs' events at once) means the stream is busy
+GATHER_S = 0.05  # a small batch of new events waits this long for more (Recorder.step)
 CLAIM_EVERY_S = 5.0  # look for entries other recorders abandoned this often
 LOG_PAGE = 1000  # log entries per XRANGE and per insert when a finished job's log is copied
 
@@ -156,15 +155,9 @@ class Recorder:
                 if not ensured:
                     ensure_group(self.client, self.keys.events(), GROUP_RECORDER)
                     ensured = True
-                n = self.step(block_ms=500)
+                self.step(block_ms=500, gather=stop)
                 self.callbacks.tick()
                 backoff = 0.1
-                if GATHER_MIN <= n < self.settings.recorder_batch // 2:
-                    # busy, yet a small batch: let the next one gather for a moment, so the
-                    # per-batch costs (round trips, a transaction) spread over more events
-                    # and the GIL is left to the scheduler's loop meanwhile (when it is
-                    # quiet, the mirror follows at once: `tidal list` after `tidal wait`)
-                    stop.wait(GATHER_S)
             except (redis.RedisError, SQLAlchemyError) as exc:
                 if "NOGROUP" in str(exc):  # Redis lost its data: create the group again
                     ensured = False
@@ -175,12 +168,18 @@ class Recorder:
         self.flush_acks()
         self.callbacks.close()
 
-    def step(self, block_ms: int | None = None) -> int:
+    def step(self, block_ms: int | None = None, gather: threading.Event | None = None) -> int:
         """Apply one batch: entries this recorder left unacknowledged first (at start and
         after an error), then entries other recorders abandoned (looked for every
         CLAIM_EVERY_S), then new ones. block_ms None means don't wait (never 0, which
         blocks forever). A batch is acknowledged after its transaction committed, along
-        with the next read (one round trip for both)."""
+        with the next read (one round trip for both).
+
+        With `gather` (the loop's stop event), a small batch of new entries waits GATHER_S
+        for more before it is applied: a job's events (pending → completed) come within a
+        few milliseconds, and applying them as they come would cost a transaction each,
+        taken from the scheduler and the worker just when the job needs them (idle latency)
+        and spread thin when busy. The mirror lags by GATHER_S more; nothing waits on it."""
         items: list[tuple[str, dict[str, str]]] = []
         if self._own_pending:
             items = self._read("0", None)
@@ -190,6 +189,10 @@ class Recorder:
             self._claim_at = monotonic() + CLAIM_EVERY_S if not items else 0.0
         if not items:
             items = self._read(">", block_ms)
+            want = self.settings.recorder_batch - len(items)
+            if gather is not None and items and want > self.settings.recorder_batch // 2:
+                gather.wait(GATHER_S)
+                items += self._read(">", None, count=want)
         if not items:
             return 0
         self.apply(items)
@@ -211,12 +214,13 @@ class Recorder:
             self.client.xack(self.keys.events(), GROUP_RECORDER, *self._acks)
             self._acks.clear()
 
-    def _read(self, start: str, block_ms: int | None) -> list[tuple[str, dict[str, str]]]:
+    def _read(self, start: str, block_ms: int | None, count: int | None = None
+              ) -> list[tuple[str, dict[str, str]]]:
         pipe = self.client.pipeline(transaction=False)
         if self._acks:
             pipe.xack(self.keys.events(), GROUP_RECORDER, *self._acks)
         pipe.xreadgroup(GROUP_RECORDER, self.me, {self.keys.events(): start},
-                        count=self.settings.recorder_batch, block=block_ms)
+                        count=count or self.settings.recorder_batch, block=block_ms)
         got = pipe.execute()[-1]
         self._acks.clear()
         return [item for _s, items in got or [] for item in items if item[1]]

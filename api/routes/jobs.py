@@ -33,7 +33,7 @@ from api.waits import wait_detail
 from api.watch import job_watch
 from common import scripts as sc
 from common.clock import monotonic, ms_to_iso
-from common.errors import Conflict, JobNotFound, LimitExceeded
+from common.errors import Conflict, InvalidSubmission, JobNotFound, LimitExceeded
 from common.jobs import (
     NESTED_FIELDS,
     hash_from_record,
@@ -259,6 +259,8 @@ def _refused(ctx: AppState, owner: str, reply: list[Any], part: list[JobSubmissi
     return exc
 
 
+MAX_WAIT_S = 60  # the longest long-poll (GET /jobs/{id}?wait=, POST /jobs?wait=)
+
 # from this many jobs in a request on, the answer's documents are built while Redis runs
 # the first submit.lua call
 OVERLAP_JOBS = 50
@@ -322,13 +324,27 @@ async def submit_all(ctx: AppState, owner: str, subs: list[JobSubmission]) -> li
     openapi_extra={**SUBMIT_OPENAPI, **BEARER_SECURITY},
     responses=error_docs(401, 409, 413, 415, 422, 429, 503),
 )
-async def submit_jobs(request: Request, caller: CallerDep) -> Response:
+async def submit_jobs(
+    request: Request,
+    caller: CallerDep,
+    wait: Annotated[float, Query(ge=0, le=MAX_WAIT_S, description=(
+        "one job only: answer once it finished, or after this many seconds with the "
+        "document as it stands (then wait with GET /jobs/{id}?wait=&until=finished)"
+    ))] = 0,
+) -> Response:
     ctx, principal = caller
     subs, batch = await read_submissions(
         request, max_bytes=ctx.settings.max_body_bytes, max_batch=ctx.settings.max_batch
     )
+    if wait and batch:
+        msg = "is for one job; wait for a batch's jobs one by one (GET /jobs/{id}?wait=)"
+        raise InvalidSubmission(f"wait: {msg}", [{"loc": ["query", "wait"], "msg": msg,
+                                                  "type": "value_error"}])
     await check_submissions(ctx, principal, subs, batch)
     docs = await submit_documents(ctx, principal.user, subs)
+    if wait:  # submit and wait in one request: the job is accepted whatever the wait says
+        job_id = orjson.loads(docs[0])["id"]
+        return await _long_poll(request, ctx, principal, job_id, wait, 0, "finished", 202)
     # the documents are JSON already: no response-model validation round
     body = b'{"jobs":[' + b",".join(docs) + b"]}" if batch else docs[0]
     return Response(body, status_code=202, media_type="application/json")
@@ -404,7 +420,6 @@ async def list_jobs(
 
 POLL_BASE_MS = 1000
 POLL_MAX_MS = 30_000
-MAX_WAIT_S = 60
 
 
 def poll_after_ms(polls: int) -> int:
@@ -432,6 +447,13 @@ async def get_job(
     ))] = "change",
 ) -> Response:
     ctx, principal = caller
+    return await _long_poll(request, ctx, principal, job_id, wait, polls, until)
+
+
+async def _long_poll(request: Request, ctx: AppState, principal: Principal, job_id: str,
+                     wait: float, polls: int, until: str, status_code: int = 200) -> Response:
+    """The job document, once it changed state (`until="finished"`: once it finished) or
+    after `wait` seconds (GET /jobs/{id}?wait=, POST /jobs?wait=)."""
     key = ctx.keys.job(job_id)
     # One HGETALL gives the document and its seq together (the seq is what the wait
     # compares: every transition bumps it). While waiting until the job finished, a
@@ -455,11 +477,11 @@ async def get_job(
         job = job_from_hash(h)
     # a Response of the model's own JSON: FastAPI would validate the Job again first
     if job.state.terminal:
-        return Response(job.model_dump_json(), media_type="application/json")
+        return Response(job.model_dump_json(), status_code, media_type="application/json")
     detail = await wait_detail(ctx, job)
     after = poll_after_ms(polls)
     job = job.model_copy(update={"wait_detail": detail, "poll_after_ms": after})
-    return Response(job.model_dump_json(), media_type="application/json",
+    return Response(job.model_dump_json(), status_code, media_type="application/json",
                     headers={"Retry-After": str(math.ceil(after / 1000))})
 
 

@@ -180,6 +180,18 @@ def test_tidal_wait_long_polls_and_exits_with_the_jobs_code(cluster: Cluster) ->
     assert states[0] == "pending" and states[-1] == "failed" and "running" in states
 
 
+def test_sdk_run_submits_and_waits_in_one_call(cluster: Cluster) -> None:
+    quick = cluster.client.run({"command": ["sh", "-c", "exit 6"]}, timeout=30)
+    assert (quick.state, quick.exit_code) == ("failed", 6)
+    # a job that outlasts the submit's wait: run goes on with long-polls
+    cluster.client.long_poll_s = 0.2
+    try:
+        slow = cluster.client.run({"command": ["sh", "-c", "sleep 0.6"]}, timeout=30)
+    finally:
+        cluster.client.long_poll_s = 30.0
+    assert slow.state == "completed" and slow.run_ms is not None and slow.run_ms >= 500
+
+
 def test_a_callback_reaches_a_local_server_when_the_job_ends(cluster: Cluster) -> None:
     posts: list[dict[str, Any]] = []
 

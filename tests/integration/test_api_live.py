@@ -173,6 +173,67 @@ def test_bad_long_poll_parameters_are_422(client: TestClient, params: dict[str, 
     assert resp.status_code == 422 and resp.json()["error"]["code"] == "validation_error"
 
 
+# -- submit and wait in one request ---------------------------------------------------------
+
+
+def test_submit_with_wait_answers_once_the_job_finished(client: TestClient, h: Harness) -> None:
+    """POST /jobs?wait=: the request holds through every transition and answers with the
+    terminal document (what the SDK's run uses: one request per job)."""
+    answer: dict[str, Any] = {}
+
+    def post() -> None:
+        resp = client.post("/jobs", params={"wait": 30}, json={"command": ["true"]})
+        answer.update(status=resp.status_code, body=resp.json())
+
+    poster = threading.Thread(target=post)
+    poster.start()
+    watch = wait_for(lambda: getattr(client.app.state, "job_watch", None),  # type: ignore[attr-defined]
+                     what="the request to start watching")
+    job_id = wait_for(lambda: next(iter(watch.waiters), None),
+                      what="the request to wait on its job")
+    h.worker("w1", slots=1)
+    assert run(h, "w1") == [job_id]  # pending → queued → dispatched → running
+    wait_for(lambda: job_id in watch.waiters, what="the request to wait again")
+    assert poster.is_alive(), "answered before the job finished"
+    h.finish(job_id, "failed", exit_code=3)
+    poster.join(timeout=10)
+    assert not poster.is_alive(), "the request did not answer when the job finished"
+    assert answer["status"] == 202
+    assert answer["body"]["id"] == job_id
+    assert (answer["body"]["state"], answer["body"]["exit_code"]) == ("failed", 3)
+    assert "poll_after_ms" not in answer["body"]
+
+
+def test_submit_with_wait_gives_the_job_as_it_stands_when_the_wait_ends(
+    client: TestClient
+) -> None:
+    resp = client.post("/jobs", params={"wait": 0.3}, json={"command": ["true"]})
+    assert resp.status_code == 202
+    body = resp.json()
+    assert body["state"] == "pending" and body["poll_after_ms"] == 1000
+    assert resp.headers["retry-after"] == "1"
+    assert client.get(f"/jobs/{body['id']}").json()["state"] == "pending"  # accepted
+
+
+def test_submit_with_wait_refuses_a_batch_before_writing_anything(
+    client: TestClient, r: redis.Redis, keys: Keys
+) -> None:
+    resp = client.post("/jobs", params={"wait": 5}, json=[{"command": ["true"]}] * 2)
+    assert resp.status_code == 422
+    error = resp.json()["error"]
+    assert error["code"] == "invalid_submission" and error["message"].startswith("wait:")
+    assert error["details"][0]["loc"] == ["query", "wait"]
+    assert r.xlen(keys.submissions()) == 0
+
+
+@pytest.mark.parametrize("wait", [-1, 61, "soon"])
+def test_submit_with_a_bad_wait_is_422(client: TestClient, r: redis.Redis, keys: Keys,
+                                       wait: Any) -> None:
+    resp = client.post("/jobs", params={"wait": wait}, json={"command": ["true"]})
+    assert resp.status_code == 422 and resp.json()["error"]["code"] == "validation_error"
+    assert r.xlen(keys.submissions()) == 0
+
+
 # -- events ---------------------------------------------------------------------------------
 
 

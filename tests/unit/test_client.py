@@ -276,6 +276,40 @@ def test_wait_times_out() -> None:
             client.wait("J1", timeout=0)
 
 
+def test_run_is_one_request_when_the_job_finishes_within_the_wait() -> None:
+    seen: list[tuple[str, str, dict[str, str]]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append((request.method, request.url.path, dict(request.url.params)))
+        return httpx.Response(202, json=job_doc(state="completed", exit_code=0))
+
+    with make_client(handler) as client:
+        assert client.run({"command": ["true"]}).state == State.COMPLETED
+    assert seen == [("POST", "/jobs", {"wait": "30.000"})]
+
+
+def test_run_goes_on_with_long_polls_when_the_submit_wait_ends_first() -> None:
+    seen: list[tuple[str, str, dict[str, str]]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append((request.method, request.url.path, dict(request.url.params)))
+        if request.method == "POST":
+            return httpx.Response(202, json=job_doc(state="running"))
+        return httpx.Response(200, json=job_doc(state="failed", exit_code=2))
+
+    with make_client(handler) as client:
+        client.long_poll_s = 5.0
+        assert client.run({"command": ["false"]}, timeout=60).exit_code == 2
+    assert [(m, p) for m, p, _ in seen] == [("POST", "/jobs"), ("GET", "/jobs/J1")]
+    assert seen[0][2] == {"wait": "5.000"} and seen[1][2]["until"] == "finished"
+
+
+def test_run_times_out_with_the_job_still_going() -> None:
+    with make_client(lambda r: httpx.Response(202, json=job_doc(state="queued"))) as client:
+        with pytest.raises(TimeoutError, match="still queued"):
+            client.run({"command": ["true"]}, timeout=0)
+
+
 def test_iter_logs_pages() -> None:
     def handler(request: httpx.Request) -> httpx.Response:
         cursor = request.url.params.get("cursor")
