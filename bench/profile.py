@@ -14,7 +14,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from bench.env import TERMINAL, Tidal, log, per_job
+from bench.env import Tidal, log, per_job
 from bench.tidal_drain import Mirror, queue_jobs
 from bench.tidal_submit import NOOP
 
@@ -136,7 +136,7 @@ def run(t: Tidal, n: int, concurrency: int, outdir: str) -> dict[str, Any]:
     spies["worker"] = _record(pyspy, worker.pid, out / "worker.raw.txt")
     before = t.valkey.snapshot(t.pids())
     deadline = time.monotonic() + 600
-    while mirror.count(mark, TERMINAL) < n and time.monotonic() < deadline:
+    while mirror.unfinished(mark) and time.monotonic() < deadline:
         time.sleep(0.05)
     after = t.valkey.snapshot(t.pids())
     for spy in spies.values():
@@ -148,6 +148,7 @@ def run(t: Tidal, n: int, concurrency: int, outdir: str) -> dict[str, Any]:
             spy.kill()
     t.stop_workers()
     first, last = mirror.window(mark)
+    mirror.close()
     result: dict[str, Any] = {"jobs": n, "concurrency": concurrency,
                               "redis_jobs_per_s_under_profiler":
                                   round(n * 1000 / max(1, last - first), 1)}

@@ -21,25 +21,41 @@ from bench.env import TERMINAL, Tidal, per_job, wait_until
 from bench.tidal_submit import rest_batches
 
 POLL_S = 0.02
+UNFINISHED = ("pending", "queued", "dispatched", "running", "retrying")
 
 
 class Mirror:
-    """Read-only view of the SQL mirror."""
+    """Read-only view of the SQL mirror, on one connection (WAL: each query sees the
+    newest commit). The harness shares the machine with what it measures, so its polls
+    must cost little: `unfinished` looks only at this run's unfinished rows (through the
+    state index), never at the finished rows of earlier runs."""
 
     def __init__(self, t: Tidal) -> None:
         self.path = t.dir / "tidal.db"
+        self._con: sqlite3.Connection | None = None
 
     def _q(self, sql: str, *args: Any) -> Any:
-        con = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=10)
-        try:
-            return con.execute(sql, args).fetchone()
-        finally:
-            con.close()
+        if self._con is None:
+            self._con = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=10,
+                                        isolation_level=None)
+        return self._con.execute(sql, args).fetchone()
+
+    def close(self) -> None:
+        if self._con is not None:
+            self._con.close()
+            self._con = None
 
     def count(self, since_ms: int, states: tuple[str, ...]) -> int:
+        """This run's rows in these states. With terminal states this reads every finished
+        row since the mark (through the created_at index): for the end, not for polling."""
         marks = ",".join("?" * len(states))
-        return int(self._q(f"SELECT count(*) FROM jobs WHERE created_at >= ? AND state IN "
-                           f"({marks})", since_ms, *states)[0])
+        index = "INDEXED BY ix_jobs_created_at " if set(states) & set(TERMINAL) else ""
+        return int(self._q(f"SELECT count(*) FROM jobs {index}WHERE created_at >= ? AND "
+                           f"state IN ({marks})", since_ms, *states)[0])
+
+    def unfinished(self, since_ms: int) -> int:
+        """This run's rows not yet in a terminal state (cheap: a poll while draining)."""
+        return self.count(since_ms, UNFINISHED)
 
     def window(self, since_ms: int) -> tuple[int, int]:
         row = self._q("SELECT min(started_at), max(finished_at) FROM jobs WHERE created_at >= ?",
@@ -64,6 +80,7 @@ def queue_jobs(t: Tidal, n: int, timeout: float = 300, ids: list[str] | None = N
     # they wait in the dispatch stream for the next worker
     wait_until(lambda: mirror.count(mark, ("queued", "dispatched")) >= n, timeout,
                f"{n} jobs admitted and mirrored", every=0.1)
+    mirror.close()
     return mark
 
 
@@ -78,19 +95,16 @@ def run_once(t: Tidal, n: int, concurrency: int, processes: int = 1,
         t.wait_worker(p)
     before = t.valkey.snapshot(t.pids())
     deadline = time.monotonic() + timeout
-    done = 0
-    while True:
-        done = mirror.count(mark, TERMINAL)
-        if done >= n:
-            break
-        if time.monotonic() > deadline:
-            break
+    # every job has its row (queue_jobs waited for it): done when none is unfinished
+    while mirror.unfinished(mark) and time.monotonic() <= deadline:
         time.sleep(POLL_S)
     done_wall_ms = int(time.time() * 1000)
     after = t.valkey.snapshot(t.pids())
     t.stop_workers()
+    done = mirror.count(mark, TERMINAL)
     first_start, last_finish = mirror.window(mark)
     failed = done - mirror.count(mark, ("completed",))
+    mirror.close()
     out: dict[str, Any] = {
         "jobs": n, "done": done, "partial": done < n,
         "concurrency": concurrency, "processes": processes,
