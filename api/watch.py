@@ -1,13 +1,13 @@
-"""Waiting for a job to change state without polling Redis: one reader of the events
-stream per API process wakes the requests that wait on a job (the long-poll of
-GET /jobs/{id}?wait=). The reader runs only while someone waits.
+"""Waiting for a job to change state without polling Redis: readers of the events
+stream and of the finished stream, one of each per API process, wake the requests that
+wait on a job (the long-polls of GET /jobs/{id}?wait= and POST /jobs?wait=). A reader
+runs only while someone waits for what it reads.
 
-Correctness does not rest on the reader: a waiter compares the job hash's `seq` (bumped
-by every transition, in the same Lua call that appends the event) before it sleeps, after
-every wake-up and at least every RECHECK_S, so a reader that falls behind or fails only
-makes an answer later, never wrong.
+Correctness does not rest on the readers: a waiter compares the job hash's `seq` (bumped
+by every transition, in the same Lua call that appends the event) before it sleeps and at
+least every RECHECK_S, and the request reads the job again after a wake-up, so a reader
+that falls behind or fails only makes an answer later, never wrong.
 """
-
 from __future__ import annotations
 
 import asyncio
@@ -39,74 +39,112 @@ def xread_entries(reply: Any) -> list[Entry]:
 
 
 class JobWatch:
+    """The waiters of this API process, and up to two readers that wake them: one of the
+    events stream (every transition) for waits that answer at any change, one of the
+    finished stream (one entry per job that ended) for waits that answer only once the
+    job finished, so those cost one wake-up per job rather than one per transition. Each
+    reader runs while it has waiters."""
+
     def __init__(self, ctx: AppState) -> None:
         self.ctx = ctx
         # job id → its waiters: each an event, and whether only a terminal state wakes it
         self.waiters: dict[str, dict[asyncio.Event, bool]] = {}
-        self.last = "0-0"
-        self.task: asyncio.Task[None] | None = None
+        self.wanted = {False: 0, True: 0}  # waiters by finished-only
+        self.readers = {False: _Reader(self, ctx.keys.events(), False),
+                        True: _Reader(self, ctx.keys.finished(), True)}
 
-    async def _ensure_reader(self) -> None:
-        """Start the reader if it is not running, at the events stream's current end."""
-        if self.task is not None and not self.task.done():
-            return
-        newest = await self.ctx.redis.xrevrange(self.ctx.keys.events(), count=1)
-        if self.task is not None and not self.task.done():  # another waiter started it
-            return
-        self.last = str(newest[0][0]) if newest else "0-0"
-        self.task = asyncio.create_task(self._read(), name="job-watch")
-
-    async def _read(self) -> None:
-        backoff = 0.1
-        while self.waiters and not self.ctx.stopping.is_set():
-            try:
-                reply = await self.ctx.redis.xread({self.ctx.keys.events(): self.last},
-                                                   count=READ_COUNT, block=BLOCK_MS)
-                backoff = 0.1
-            except RedisError as exc:
-                log.warning("job_watch_failed", error=str(exc), retry_in=backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, RECHECK_S)
-                continue
-            for entry_id, fields in xread_entries(reply):
-                self.last = entry_id
-                waiters = self.waiters.get(fields.get("job", ""))
-                if not waiters:
-                    continue
-                final = fields.get("state") in TERMINAL_STATES
-                for waiter, final_only in waiters.items():
-                    if final or not final_only:
-                        waiter.set()
-
-    async def _seq(self, job_id: str) -> str | None:
-        seq: str | None = await self.ctx.redis.hget(self.ctx.keys.job(job_id), "seq")
-        return seq
+    @property
+    def last(self) -> str:
+        """The events reader's position (tests)."""
+        return self.readers[False].last
 
     async def changed(self, job_id: str, seq: str | None, timeout: float, *,
                       finished: bool = False) -> bool:
-        """Wait until the job's `seq` is no longer `seq` (True) or `timeout` seconds passed
-        or the server is stopping (False). With `finished`, only an event of a terminal
-        state wakes the wait early (a long-poll `until=finished` would otherwise read the
-        job at each of its transitions); the RECHECK_S look at `seq` still runs, so an
-        answer may come at a transition, and the caller checks the state itself."""
+        """Wait until the job's `seq` may no longer be `seq`: True when an event of the job
+        woke the wait (the caller reads the job again, and compares: the event may be one
+        it saw already) or a look at `seq` found it moved; False when `timeout` seconds
+        passed or the server is stopping. With `finished`, only the job's end wakes the
+        wait early (a long-poll `until=finished` would otherwise read the job at each of
+        its transitions); the RECHECK_S look at `seq` still runs, so an answer may come at
+        a transition, and the caller checks the state itself."""
         woken = asyncio.Event()
         self.waiters.setdefault(job_id, {})[woken] = finished
+        self.wanted[finished] += 1
         deadline = monotonic() + timeout
         try:
-            await self._ensure_reader()  # before the first look, so no event falls between
+            # the reader first, so no event falls between the look at seq and the sleep
+            await self.readers[finished].ensure()
             while await self._seq(job_id) == seq:
                 left = deadline - monotonic()
                 if left <= 0 or self.ctx.stopping.is_set():
                     return False
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(woken.wait(), min(left, RECHECK_S))
-                woken.clear()
+                    return True
             return True
         finally:
+            self.wanted[finished] -= 1
             mine = self.waiters.get(job_id, {})
             mine.pop(woken, None)
             if not mine:
                 self.waiters.pop(job_id, None)
+
+    async def _seq(self, job_id: str) -> str | None:
+        seq: str | None = await self.ctx.redis.hget(self.ctx.keys.job(job_id), "seq")
+        return seq
+
+    def wake(self, job_id: str, terminal: bool, finished_only: bool) -> None:
+        """An entry of the job was read: wake its waiters of that reader's kind (the
+        finished reader wakes every waiter of the job: it ended)."""
+        for waiter, final_only in self.waiters.get(job_id, {}).items():
+            if final_only == finished_only or terminal:
+                waiter.set()
+
+    async def close(self) -> None:
+        for reader in self.readers.values():
+            await reader.close()
+
+
+class _Reader:
+    """XREAD of one stream from its end at start, while the watch has waiters of its kind."""
+
+    def __init__(self, watch: JobWatch, stream: str, finished_only: bool) -> None:
+        self.watch = watch
+        self.stream = stream
+        self.finished_only = finished_only
+        self.last = "0-0"
+        self.task: asyncio.Task[None] | None = None
+
+    async def ensure(self) -> None:
+        """Start the reader if it is not running, at the stream's current end."""
+        if self.task is not None and not self.task.done():
+            return
+        newest = await self.watch.ctx.redis.xrevrange(self.stream, count=1)
+        if self.task is not None and not self.task.done():  # another waiter started it
+            return
+        self.last = str(newest[0][0]) if newest else "0-0"
+        self.task = asyncio.create_task(self._read(), name=f"job-watch:{self.stream}")
+
+    async def _read(self) -> None:
+        watch, ctx = self.watch, self.watch.ctx
+        backoff = 0.1
+        while watch.wanted[self.finished_only] and not ctx.stopping.is_set():
+            try:
+                reply = await ctx.redis.xread({self.stream: self.last}, count=READ_COUNT,
+                                              block=BLOCK_MS)
+                backoff = 0.1
+            except RedisError as exc:
+                log.warning("job_watch_failed", stream=self.stream, error=str(exc),
+                            retry_in=backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, RECHECK_S)
+                continue
+            for entry_id, fields in xread_entries(reply):
+                self.last = entry_id
+                job_id = fields.get("job", "")
+                if job_id in watch.waiters:
+                    watch.wake(job_id, fields.get("state") in TERMINAL_STATES,
+                               self.finished_only)
 
     async def close(self) -> None:
         if self.task is not None and not self.task.done():

@@ -97,6 +97,12 @@ class Keys:
         """string (counter): submission order, stamped on each job as `sub_seq`."""
         return f"{self.prefix}:seq"
 
+    def finished(self) -> str:
+        """stream (capped): one entry (`job`, `state`) per job reaching a terminal state,
+        so the API's long-polls that wait only for the end (`until=finished`, POST
+        /jobs?wait=) wake once per job, not at each of its transitions."""
+        return f"{self.prefix}:finished"
+
     def settle(self) -> str:
         """stream: jobs that ended and need follow-up (host hand-off, dependents, user
         counter); group `schedulers`."""

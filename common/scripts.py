@@ -192,7 +192,8 @@ def depend(
     job = keys.job(a.job_id)
     ks = [keys.submissions(), keys.events(), keys.settle(), keys.queues(), job,
           keys.deps(a.job_id), keys.queue(a.queue), keys.delayed(),
-          *_host_keys(keys, a.host, job), keys.hosts(), keys.stale(), keys.done(a.job_id)]
+          *_host_keys(keys, a.host, job), keys.hosts(), keys.stale(), keys.done(a.job_id),
+          keys.finished()]
     args: list[Any] = [GROUP_SCHEDULERS, a.entry_id, events_maxlen, priority_step_ms, by, a.queue]
     for dep_id, cond in deps:
         ks += [keys.job(dep_id), keys.dependents(dep_id)]
@@ -209,7 +210,7 @@ def resolve(
         "resolve",
         [keys.events(), keys.settle(), job, keys.deps(dependent), keys.queue(queue),
          keys.delayed(), *_host_keys(keys, host, job), keys.hosts(), keys.stale(),
-         keys.done(dependent)],
+         keys.done(dependent), keys.finished()],
         [ended, ended_state, events_maxlen, priority_step_ms, by],
     )
 
@@ -294,7 +295,7 @@ def finish(
     return Call(
         "finish",
         [keys.job(job_id), keys.dispatch(queue), keys.events(), keys.delayed(), keys.log(job_id),
-         keys.ledger(), keys.settle(), keys.done(job_id)],
+         keys.ledger(), keys.settle(), keys.done(job_id), keys.finished()],
         [
             token,
             GROUP_WORKERS,
@@ -316,16 +317,16 @@ def finish_batch(calls: Sequence[Call]) -> Call:
     """Many `finish` calls as ONE finish.lua call (its batch mode): the worker's finisher
     sends every outcome ready in one EVALSHA, not one per job (packing and parsing a
     pipeline of N EVALSHAs was most of a worker's remaining CPU per job). The calls must
-    share the events/delayed/ledger/settle keys, the group, MAXLEN, TTL and worker id, as
-    one worker's do. The answer is a list with one answer per call, in order."""
+    share the events/delayed/ledger/settle/finished keys, the group, MAXLEN, TTL and worker
+    id, as one worker's do. The answer is a list with one answer per call, in order."""
     first = calls[0]
-    shared_keys = [first.keys[2], first.keys[3], first.keys[5], first.keys[6]]
+    shared_keys = [first.keys[2], first.keys[3], first.keys[5], first.keys[6], first.keys[8]]
     group, maxlen, ttl, worker = first.args[1], first.args[7], first.args[8], first.args[10]
     keys: list[str] = list(shared_keys)
     args: list[Any] = ["*", group, maxlen, ttl, worker]
     for call in calls:
         k, a = call.keys, call.args
-        if ([k[2], k[3], k[5], k[6]] != shared_keys
+        if ([k[2], k[3], k[5], k[6], k[8]] != shared_keys
                 or (a[1], a[7], a[8], a[10]) != (group, maxlen, ttl, worker)):
             raise ValueError("finish_batch: calls of different workers or settings")
         keys += [k[0], k[1], k[4], k[7]]
@@ -342,7 +343,7 @@ def cancel(
         "cancel",
         [job, keys.queue(queue), keys.delayed(), keys.dispatch(queue), keys.events(),
          keys.log(job_id), keys.hostwait(host) if host else job, keys.stale(), keys.ledger(),
-         keys.settle(), keys.done(job_id)],
+         keys.settle(), keys.done(job_id), keys.finished()],
         [by, events_maxlen, ttl_s, keys.control_channel_prefix(), GROUP_WORKERS],
     )
 
@@ -381,6 +382,7 @@ def reclaim(
     return Call(
         "reclaim",
         [keys.dispatch(queue), keys.queue(queue), keys.events(), keys.ledger(), keys.settle(),
+         keys.finished(),
          *(key for _, job_id in entries for key in (keys.job(job_id), keys.done(job_id)))],
         [GROUP_WORKERS, events_maxlen, max_deliveries, ttl_s, by,
          "handed_back" if handed_back else "lost", *(entry for entry, _ in entries)],
@@ -421,7 +423,8 @@ def settle(
     by: str,
 ) -> Call:
     """Settle a batch of entries in one call (settle.lua); it returns those left to do."""
-    ks = [keys.settle(), keys.events(), keys.delayed(), keys.hosts(), keys.stale()]
+    ks = [keys.settle(), keys.events(), keys.delayed(), keys.hosts(), keys.stale(),
+          keys.finished()]
     args: list[Any] = [GROUP_SCHEDULERS, events_maxlen, priority_step_ms, by]
     for e in entries:
         ks += [keys.user(e.owner), keys.deps(e.job_id), keys.dependents(e.job_id)]
@@ -443,7 +446,7 @@ def expire(
     ttl_s: int, by: str,
 ) -> Call:
     """candidates: (job id, queue name, host)."""
-    ks = [keys.events(), keys.settle(), keys.stale(), keys.delayed()]
+    ks = [keys.events(), keys.settle(), keys.stale(), keys.delayed(), keys.finished()]
     for job_id, queue, host in candidates:
         job = keys.job(job_id)
         ks += [job, keys.queue(queue), keys.hostwait(host) if host else job, keys.done(job_id)]

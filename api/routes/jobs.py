@@ -469,6 +469,8 @@ async def _long_poll(request: Request, ctx: AppState, principal: Principal, job_
                 job_id, seq, left, finished=until == "finished"):
             break
         h = await ctx.redis.hgetall(key)
+        if h.get("state") and h.get("seq") == seq:  # woken by an event it had seen: wait on
+            continue
         if until != "finished" or not h.get("state"):  # gone from Redis: the mirror has it
             job, newer = await visible_job(ctx, principal, job_id, h), False
             break

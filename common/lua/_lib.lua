@@ -101,24 +101,31 @@ end
 -- A job reached a terminal state: wake its live log followers, which block on its done
 -- stream {tidal}:done:<id> beside its log stream (api/routes/logs.py `tail`), so a follow
 -- ends at once on every path to a terminal state (finish, cancel, expire, poison, a failed
--- dependency), not at the end of its read block. done: the key from KEYS (nil: skip).
-local function mark_done(done, state)
-  if not done then return end
-  redis.call('XADD', done, 'MAXLEN', 1, '*', 'state', state)
-  redis.call('EXPIRE', done, 60)
+-- dependency), not at the end of its read block; and append one entry (`job`, `state`) to
+-- the global finished stream {tidal}:finished, which the API's long-polls that wait only
+-- for a job's end (until=finished, POST /jobs?wait=) read, so they wake once per job, not
+-- at each of its transitions. done, finished: keys from KEYS (either nil: that one skipped).
+local function mark_done(done, finished, id, state)
+  if done then
+    redis.call('XADD', done, 'MAXLEN', 1, '*', 'state', state)
+    redis.call('EXPIRE', done, 60)
+  end
+  if finished then
+    redis.call('XADD', finished, 'MAXLEN', '~', 10000, '*', 'job', id, 'state', state)
+  end
 end
 
 -- A dependency ended against what the job asked of it: the job fails with reason
 -- dependency_failed and is settled, so its own dependents hear of it in turn.
--- k = {job, events, settle, done}: keys from the script's KEYS (done optional: the job's
--- done stream, whose followers are woken).
+-- k = {job, events, settle, done, finished}: keys from the script's KEYS (done: the job's
+-- done stream, whose followers are woken; finished: the global finished stream).
 local function fail_dependency(k, id, dep_id, dep_state, now, maxlen, by)
   local text = 'dependency ' .. dep_id .. ' ended ' .. dep_state
   redis.call('HSET', k.job, 'state', 'failed', 'finished_at', now, 'reason', 'dependency_failed',
              'error', text, 'wait_reason', '')
   emit(k.events, maxlen, k.job, id, 'failed', now, by, {'reason', 'dependency_failed'})
   settle(k.settle, k.job, id, 'failed')
-  mark_done(k.done, 'failed')
+  mark_done(k.done, k.finished, id, 'failed')
 end
 
 -- Hand a host on (grant.lua and settle.lua): the released job lets go of the host if it
@@ -150,7 +157,8 @@ end
 -- settle.lua). The dependency is crossed off; if it ended the wrong way for the
 -- dependent's condition, the dependent fails with reason dependency_failed (and is settled
 -- in turn); if it was the last one the dependent waited for, the dependent is enqueued.
--- k = {job, deps, queue, delayed, host, hostwait, hosts, stale, events, settle}.
+-- k = {job, deps, queue, delayed, host, hostwait, hosts, stale, events, settle, done,
+--      finished}.
 -- Returns 'enqueued', 'failed', 'waiting' or 'skipped' (not waiting for dependencies).
 local function resolve_dependent(k, dep_id, dep_state, now, maxlen, step, by)
   if redis.call('SREM', k.deps, dep_id) == 0 then return 'skipped' end

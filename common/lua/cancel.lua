@@ -13,6 +13,7 @@
 -- KEYS[9] ledger hash         {tidal}:ledger
 -- KEYS[10] settle stream      {tidal}:settle
 -- KEYS[11] done stream        {tidal}:done:<id> (wakes the job's log followers)
+-- KEYS[12] finished stream    {tidal}:finished (wakes the API's waits for the end)
 -- ARGV[1] who cancels
 -- ARGV[2] events MAXLEN
 -- ARGV[3] TTL in seconds for the finished job's hash and log
@@ -23,6 +24,7 @@
 
 local job, queue, delayed, stream, events, log = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local hostwait, stale, ledger, settle_stream, done = KEYS[7], KEYS[8], KEYS[9], KEYS[10], KEYS[11]
+local finished = KEYS[12]
 local by, maxlen, ttl, chan, group = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5]
 
 local h = redis.call('HMGET', job, 'state', 'id', 'dispatch_id', 'worker', 'host')
@@ -50,7 +52,7 @@ redis.call('HSET', job, 'state', 'cancelled', 'finished_at', now, 'reason', 'can
            'wait_reason', '', 'dispatch_id', '')
 emit(events, maxlen, job, id, 'cancelled', now, by, {'reason', 'cancelled'})
 settle(settle_stream, job, id, 'cancelled')
-mark_done(done, 'cancelled')
+mark_done(done, finished, id, 'cancelled')
 redis.call('EXPIRE', job, ttl)
 redis.call('EXPIRE', log, ttl)
 return 'cancelled'

@@ -14,7 +14,8 @@
 -- KEYS[7] queue zset, KEYS[8] delayed zset, KEYS[9] host string, KEYS[10] hostwait zset,
 -- KEYS[11] host-names set, KEYS[12] stale zset,
 -- KEYS[13] done stream        {tidal}:done:<id> (wakes its log followers if it fails here)
--- per dependency j (stride 2, from KEYS[14]): its job hash, its dependents set
+-- KEYS[14] finished stream    {tidal}:finished (wakes the API's waits for the end, likewise)
+-- per dependency j (stride 2, from KEYS[15]): its job hash, its dependents set
 -- ARGV[1] consumer group, ARGV[2] submissions entry id, ARGV[3] events MAXLEN,
 -- ARGV[4] priority step ms, ARGV[5] scheduler id, ARGV[6] queue name
 -- per dependency j (stride 2, from ARGV[7]): its id, its condition (success|failure|any)
@@ -25,7 +26,7 @@ local subs, events, settle_stream, queues, job, deps = KEYS[1], KEYS[2], KEYS[3]
   KEYS[5], KEYS[6]
 local k = {job = job, queue = KEYS[7], delayed = KEYS[8], host = KEYS[9], hostwait = KEYS[10],
            hosts = KEYS[11]}
-local stale = KEYS[12]
+local stale, done, finished = KEYS[12], KEYS[13], KEYS[14]
 local group, entry, maxlen, step, by, qname = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]),
   ARGV[5], ARGV[6]
 local now = now_ms()
@@ -44,14 +45,14 @@ local function satisfied(state, cond)
 end
 
 local waiting = 0
-for j = 0, (#KEYS - 13) / 2 - 1 do
-  local dep_job, dependents = KEYS[14 + 2 * j], KEYS[15 + 2 * j]
+for j = 0, (#KEYS - 14) / 2 - 1 do
+  local dep_job, dependents = KEYS[15 + 2 * j], KEYS[16 + 2 * j]
   local dep_id, cond = ARGV[7 + 2 * j], ARGV[8 + 2 * j]
   local state = redis.call('HGET', dep_job, 'state') or 'expired'
   if is_terminal(state) then
     if not satisfied(state, cond) then
-      fail_dependency({job = job, events = events, settle = settle_stream, done = KEYS[13]}, id,
-                      dep_id, state, now, maxlen, by)
+      fail_dependency({job = job, events = events, settle = settle_stream, done = done,
+                       finished = finished}, id, dep_id, state, now, maxlen, by)
       return 'failed'
     end
   else

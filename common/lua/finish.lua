@@ -14,6 +14,7 @@
 -- KEYS[6] ledger hash         {tidal}:ledger
 -- KEYS[7] settle stream       {tidal}:settle
 -- KEYS[8] done stream         {tidal}:done:<id> (wakes the job's log followers)
+-- KEYS[9] finished stream     {tidal}:finished (wakes the API's waits for the end)
 -- ARGV[1] fencing token (the dispatch entry id)
 -- ARGV[2] consumer group
 -- ARGV[3] outcome: completed | failed | cancelled
@@ -31,14 +32,15 @@
 --
 -- Batch mode (a worker's finisher: every outcome ready in one call), ARGV[1] = '*':
 -- KEYS[1] events stream, KEYS[2] delayed zset, KEYS[3] ledger hash, KEYS[4] settle stream,
--- then per job: its job hash, dispatch stream, log stream, done stream;
+-- KEYS[5] finished stream, then per job (stride 4, from KEYS[6]): its job hash, dispatch
+-- stream, log stream, done stream;
 -- ARGV[2] consumer group, ARGV[3] events MAXLEN, ARGV[4] TTL s, ARGV[5] worker id,
 -- then per job: token, outcome, exit code, result, error text, reason, retry delay ms,
 -- n = number of usage field/value pairs, then those 2n values.
 -- Returns one answer per job, as above, in order.
 
--- k = {job, stream, events, delayed, log, ledger, settle, done}; a = {token, outcome,
--- exit_code, result, err, reason, retry_ms, usage (flat field/value list)};
+-- k = {job, stream, events, delayed, log, ledger, settle, done, finished};
+-- a = {token, outcome, exit_code, result, err, reason, retry_ms, usage (flat field/value list)};
 -- c = {group, maxlen, ttl, worker, now}
 local function finish_one(k, a, c)
   local job = k.job
@@ -80,7 +82,7 @@ local function finish_one(k, a, c)
   settle(k.settle, job, id, outcome, {h[12], h[13]})
   redis.call('EXPIRE', job, c.ttl)
   redis.call('EXPIRE', k.log, c.ttl)
-  mark_done(k.done, outcome)
+  mark_done(k.done, k.finished, id, outcome)
   return outcome
 end
 
@@ -89,18 +91,19 @@ if ARGV[1] ~= '*' then
   for i = 12, #ARGV do usage[#usage + 1] = ARGV[i] end
   return finish_one(
     {job = KEYS[1], stream = KEYS[2], events = KEYS[3], delayed = KEYS[4], log = KEYS[5],
-     ledger = KEYS[6], settle = KEYS[7], done = KEYS[8]},
+     ledger = KEYS[6], settle = KEYS[7], done = KEYS[8], finished = KEYS[9]},
     {token = ARGV[1], outcome = ARGV[3], exit_code = ARGV[4], result = ARGV[5],
      err = ARGV[6], reason = ARGV[7], retry_ms = tonumber(ARGV[10]), usage = usage},
     {group = ARGV[2], maxlen = ARGV[8], ttl = tonumber(ARGV[9]), worker = ARGV[11],
      now = now_ms()})
 end
 
-local events, delayed, ledger, settle_stream = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local events, delayed, ledger, settle_stream, finished = KEYS[1], KEYS[2], KEYS[3], KEYS[4],
+  KEYS[5]
 local c = {group = ARGV[2], maxlen = ARGV[3], ttl = tonumber(ARGV[4]), worker = ARGV[5],
            now = now_ms()}
 local out = {}
-local ki, ai = 5, 6
+local ki, ai = 6, 6
 while ai <= #ARGV do
   local job, stream, log, done = KEYS[ki], KEYS[ki + 1], KEYS[ki + 2], KEYS[ki + 3]
   ki = ki + 4
@@ -109,7 +112,7 @@ while ai <= #ARGV do
   for i = 1, 2 * n do usage[i] = ARGV[ai + 7 + i] end
   out[#out + 1] = finish_one(
     {job = job, stream = stream, events = events, delayed = delayed, log = log,
-     ledger = ledger, settle = settle_stream, done = done},
+     ledger = ledger, settle = settle_stream, done = done, finished = finished},
     {token = ARGV[ai], outcome = ARGV[ai + 1], exit_code = ARGV[ai + 2],
      result = ARGV[ai + 3], err = ARGV[ai + 4], reason = ARGV[ai + 5],
      retry_ms = tonumber(ARGV[ai + 6]), usage = usage}, c)

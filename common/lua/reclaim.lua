@@ -10,7 +10,8 @@
 -- KEYS[3] events stream       {tidal}:events
 -- KEYS[4] ledger hash         {tidal}:ledger
 -- KEYS[5] settle stream       {tidal}:settle
--- per entry i (stride 2, from KEYS[6]): its job hash, its done stream (wakes its log
+-- KEYS[6] finished stream     {tidal}:finished (wakes the API's waits for the end)
+-- per entry i (stride 2, from KEYS[7]): its job hash, its done stream (wakes its log
 --   followers when it ends here)
 -- ARGV[1] consumer group of the dispatch stream
 -- ARGV[2] events MAXLEN
@@ -22,14 +23,15 @@
 -- Returns {requeued, ended} (ended: failed as poison, or cancelled while its worker died).
 
 local stream, queue, events, ledger, settle_stream = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local finished = KEYS[6]
 local group, maxlen, max_deliveries, ttl, by = ARGV[1], ARGV[2], tonumber(ARGV[3]),
   tonumber(ARGV[4]), ARGV[5]
 local handed_back = ARGV[6] == 'handed_back'
 local now = now_ms()
 local requeued, failed = 0, 0
 
-for i = 1, (#KEYS - 5) / 2 do
-  local job, done, entry = KEYS[4 + 2 * i], KEYS[5 + 2 * i], ARGV[6 + i]
+for i = 1, (#KEYS - 6) / 2 do
+  local job, done, entry = KEYS[5 + 2 * i], KEYS[6 + 2 * i], ARGV[6 + i]
   redis.call('XACK', stream, group, entry)
   redis.call('XDEL', stream, entry)
   local h = redis.call('HMGET', job, 'state', 'dispatch_id', 'id', 'score', 'lost', 'worker',
@@ -50,7 +52,7 @@ for i = 1, (#KEYS - 5) / 2 do
                  'dispatch_id', '')
       emit(events, maxlen, job, h[3], final, now, by, {'reason', reason, 'lost', lost})
       settle(settle_stream, job, h[3], final)
-      mark_done(done, final)
+      mark_done(done, finished, h[3], final)
       redis.call('EXPIRE', job, ttl)
       failed = failed + 1
     else

@@ -13,7 +13,8 @@
 -- KEYS[3] delayed zset        {tidal}:delayed
 -- KEYS[4] host-names set      {tidal}:hosts
 -- KEYS[5] stale zset          {tidal}:stale
--- then per entry, in order:
+-- KEYS[6] finished stream     {tidal}:finished (written should a dependent fail)
+-- then per entry, in order, from KEYS[7]:
 --   its owner's user hash, its deps set, its dependents set;
 --   with a host: the host string, its hostwait zset;
 --     with a proposed waiter: the waiter's job hash, the waiter's queue zset;
@@ -29,9 +30,10 @@
 --    dependents need telling (0|1), the dependents' ids}.
 
 local stream, events, delayed, hosts, stale = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local finished = KEYS[6]
 local group, maxlen, step, by = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
 local now = now_ms()
-local ki, ai = 6, 5
+local ki, ai = 7, 5
 local left = {}
 local index = 0
 
@@ -68,7 +70,7 @@ while ai <= #ARGV do
     for j = 1, n do
       local dk = {job = KEYS[ki], deps = KEYS[ki + 1], queue = KEYS[ki + 2], host = KEYS[ki + 3],
                   hostwait = KEYS[ki + 4], done = KEYS[ki + 5], delayed = delayed, hosts = hosts,
-                  stale = stale, events = events, settle = stream}
+                  stale = stale, events = events, settle = stream, finished = finished}
       ki = ki + 6
       resolve_dependent(dk, id, state, now, maxlen, step, by)
     end

@@ -2,7 +2,11 @@
 stream ({tidal}:done:<id>), not only finish.lua: cancel while queued, reclaim (poison, or
 cancelled while its worker died), expire, and a dependency that ended the wrong way
 (depend.lua at admission, resolve.lua later). A follower blocked on a job that ends by one
-of these paths must end at once, not at the end of its read block."""
+of these paths must end at once, not at the end of its read block.
+
+Each of these paths also appends exactly one entry (`job`, `state`) to the global finished
+stream ({tidal}:finished), which the API's waits for a job's end read; a transition that
+does not end the job (a requeue, a retry, a cancel request to a running job) adds none."""
 
 from __future__ import annotations
 
@@ -31,6 +35,11 @@ def _done_state(r: redis.Redis, keys: Keys, job_id: str) -> str | None:
     """The state in the job's done stream (None: followers were never woken)."""
     entries = r.xrange(keys.done(job_id))
     return str(entries[-1][1]["state"]) if entries else None
+
+
+def _finished(r: redis.Redis, keys: Keys) -> list[dict[str, str]]:
+    """The finished stream's entries, oldest first."""
+    return [dict(fields) for _id, fields in r.xrange(keys.finished())]
 
 
 def _blocked_xread_clients(r: redis.Redis) -> set[str]:
@@ -87,6 +96,7 @@ def test_follower_of_a_job_cancelled_while_queued_ends_at_once(
     assert [(f.get("event"), f.get("id")) for f in frames] == [("line", first), ("end", None)]
     assert orjson.loads(frames[-1]["data"])["state"] == "cancelled"
     assert _done_state(r, keys, job_id) == "cancelled"
+    assert _finished(r, keys) == [{"job": job_id, "state": "cancelled"}]
 
 
 # -- each script, against the real server ---------------------------------------------------
@@ -134,27 +144,40 @@ def test_cancel_of_a_queued_job_writes_its_done_stream(r: redis.Redis, keys: Key
     assert cancel(queued) == "cancelled"
     assert _done_state(r, keys, queued) == "cancelled"
     assert 0 < r.ttl(keys.done(queued)) <= 60
+    assert _finished(r, keys) == [{"job": queued, "state": "cancelled"}]
     # a running job is only flagged: finish.lua ends it (and writes the done stream) later
     assert cancel(running) == "cancelling"
     assert _done_state(r, keys, running) is None
+    assert cancel(queued) == -1  # already ended: nothing more is written
+    assert _finished(r, keys) == [{"job": queued, "state": "cancelled"}]
 
 
 def test_reclaim_writes_the_done_stream_of_jobs_it_ends_only(r: redis.Redis, keys: Keys) -> None:
     s = sc.Scripts(r)
-    requeued, poison = _submit(s, keys), _submit(s, keys)
+    requeued, poison, flagged = _submit(s, keys), _submit(s, keys), _submit(s, keys)
     _admit_all(r, s, keys)
     entry = _dispatch_and_start(r, s, keys, poison, "x1")
     assert s.run(sc.reclaim(keys, "default", [(entry, poison)], max_deliveries=1,
                             events_maxlen=MAXLEN, ttl_s=60, by="s1")) == [1, 0]
     assert _done_state(r, keys, poison) is None  # requeued: its followers keep following
+    assert _finished(r, keys) == []
     a = _dispatch_and_start(r, s, keys, poison, "x2")
     b = _dispatch_and_start(r, s, keys, requeued, "x3")
-    assert s.run(sc.reclaim(keys, "default", [(a, poison), (b, requeued)], max_deliveries=1,
-                            events_maxlen=MAXLEN, ttl_s=60, by="s1")) == [1, 1]
+    c = _dispatch_and_start(r, s, keys, flagged, "x4")
+    assert s.run(sc.cancel(keys, flagged, "default", by="alice", events_maxlen=MAXLEN,
+                           ttl_s=60)) == "cancelling"
+    assert s.run(sc.reclaim(keys, "default", [(a, poison), (b, requeued), (c, flagged)],
+                            max_deliveries=1, events_maxlen=MAXLEN, ttl_s=60,
+                            by="s1")) == [1, 2]
     assert r.hmget(keys.job(poison), "state", "reason") == ["failed", "poison"]
     assert _done_state(r, keys, poison) == "failed"
     assert r.hget(keys.job(requeued), "state") == "queued"
     assert _done_state(r, keys, requeued) is None
+    assert r.hmget(keys.job(flagged), "state", "reason") == ["cancelled", "cancelled"]
+    assert _done_state(r, keys, flagged) == "cancelled"
+    # in entry order; the requeued job has none
+    assert _finished(r, keys) == [{"job": poison, "state": "failed"},
+                                  {"job": flagged, "state": "cancelled"}]
 
 
 def test_expire_writes_the_done_stream(r: redis.Redis, keys: Keys) -> None:
@@ -168,6 +191,11 @@ def test_expire_writes_the_done_stream(r: redis.Redis, keys: Keys) -> None:
     assert r.hget(keys.job(stale), "state") == "expired"
     assert _done_state(r, keys, stale) == "expired"
     assert _done_state(r, keys, fresh) is None
+    assert _finished(r, keys) == [{"job": stale, "state": "expired"}]
+    # a second pass over the same candidates ends nothing more
+    assert s.run(sc.expire(keys, [(stale, "default", None), (fresh, "default", None)],
+                           events_maxlen=MAXLEN, ttl_s=60, by="s1")) == 0
+    assert _finished(r, keys) == [{"job": stale, "state": "expired"}]
 
 
 def test_a_dependency_failure_writes_the_done_stream(r: redis.Redis, keys: Keys) -> None:
@@ -186,6 +214,8 @@ def test_a_dependency_failure_writes_the_done_stream(r: redis.Redis, keys: Keys)
     assert results == ["failed", "queued"]
     assert _done_state(r, keys, early) == "failed"
     assert _done_state(r, keys, late) is None
+    assert _finished(r, keys) == [{"job": ended, "state": "cancelled"},
+                                  {"job": early, "state": "failed"}]
 
     assert s.run(sc.cancel(keys, waited, "default", by="alice", events_maxlen=MAXLEN,
                            ttl_s=60)) == "cancelled"
@@ -194,6 +224,8 @@ def test_a_dependency_failure_writes_the_done_stream(r: redis.Redis, keys: Keys)
                             by="s1")) == "failed"
     assert r.hmget(keys.job(late), "state", "reason") == ["failed", "dependency_failed"]
     assert _done_state(r, keys, late) == "failed"
+    assert _finished(r, keys)[2:] == [{"job": waited, "state": "cancelled"},
+                                      {"job": late, "state": "failed"}]
 
 
 def test_a_dependent_failed_by_settle_has_its_done_stream_written(
@@ -213,3 +245,62 @@ def test_a_dependent_failed_by_settle_has_its_done_stream_written(
     h.step()
     assert h.state(child) == "failed" and h.field(child, "reason") == "dependency_failed"
     assert _done_state(r, keys, child) == "failed"
+    # the parent by finish.lua, then the child by settle.lua, once each (settling again
+    # ends nothing more)
+    h.step()
+    assert _finished(r, keys) == [{"job": parent, "state": "failed"},
+                                  {"job": child, "state": "failed"}]
+
+
+@pytest.mark.parametrize("mode", ["single", "batch"])
+def test_finish_appends_to_the_finished_stream_only_when_the_job_ends(
+    r: redis.Redis, keys: Keys, mode: str
+) -> None:
+    """finish.lua, one call per job or its batch mode (ARGV[1] = '*'): a completed job and
+    a failure past its retries each add one entry; a failure that is retried (retrying)
+    adds none, nor does a stale token's refused finish."""
+    s = sc.Scripts(r)
+    quick, flaky = _submit(s, keys), _submit(s, keys, retries=1)
+    _admit_all(r, s, keys)
+    tokens = {job: _dispatch_and_start(r, s, keys, job, "w1") for job in (quick, flaky)}
+
+    def finish(*ends: tuple[str, str]) -> list[object]:
+        calls = [sc.finish(keys, job, "default", tokens[job],
+                           sc.Outcome(state, 0 if state == "completed" else 1,
+                                      reason="" if state == "completed" else "exit_code"),
+                           worker="w1", retry_delay_ms=0, events_maxlen=MAXLEN, ttl_s=60)
+                 for job, state in ends]
+        if mode == "batch":
+            return list(s.run(sc.finish_batch(calls)))
+        return [s.run(call) for call in calls]
+
+    assert finish((quick, "completed"), (flaky, "failed")) == ["completed", "retrying"]
+    assert _done_state(r, keys, flaky) is None
+    assert _finished(r, keys) == [{"job": quick, "state": "completed"}]
+    assert finish((quick, "completed")) == [-1]  # its token was cleared: refused
+    assert _finished(r, keys) == [{"job": quick, "state": "completed"}]
+
+    assert s.run(sc.promote_due(keys, [(flaky, "default", None)], events_maxlen=MAXLEN,
+                                priority_step_ms=STEP_MS, by="s1")) == 1
+    tokens[flaky] = _dispatch_and_start(r, s, keys, flaky, "w1")
+    assert finish((flaky, "failed")) == ["failed"]
+    assert _done_state(r, keys, flaky) == "failed"
+    assert _finished(r, keys) == [{"job": quick, "state": "completed"},
+                                  {"job": flaky, "state": "failed"}]
+
+
+def test_the_finished_stream_is_capped(r: redis.Redis, keys: Keys) -> None:
+    """mark_done trims the finished stream with MAXLEN ~ 10000 (approximate: whole
+    macro nodes go, so it may keep a little more, never the whole backlog)."""
+    s = sc.Scripts(r)
+    pipe = r.pipeline(transaction=False)
+    for i in range(20_000):
+        pipe.xadd(keys.finished(), {"job": f"old{i}", "state": "completed"})
+    pipe.execute()
+    job = _submit(s, keys)
+    _admit_all(r, s, keys)
+    assert s.run(sc.cancel(keys, job, "default", by="alice", events_maxlen=MAXLEN,
+                           ttl_s=60)) == "cancelled"
+    assert 10_000 <= r.xlen(keys.finished()) < 11_000
+    [(_id, last)] = r.xrevrange(keys.finished(), count=1)
+    assert last == {"job": job, "state": "cancelled"}
