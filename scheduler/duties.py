@@ -135,8 +135,9 @@ class Duties:
         script calls `before`), one more sends the dispatch calls of the queues with free
         slots. dispatch.lua counts the free slots again itself, so the dispatch stream never
         holds more than the free slots. `then` queues one more command on the last round
-        trip (the loop's next read). Returns (jobs dispatched, the answers of `before`, the
-        answer of `then`)."""
+        trip (the loop's next read), when there is a last round trip: a pass with nothing
+        to dispatch leaves it to the loop's own read. Returns (jobs dispatched, the answers
+        of `before`, the answer of `then` or None)."""
         c = self.ctx
         self._refresh_cluster()
         self.refresh_queue_names()
@@ -165,7 +166,7 @@ class Duties:
             if capacity.slots - int(in_flight) > 0 and candidates:
                 calls.append(sc.dispatch(c.keys, queue, candidates, capacity=capacity,
                                          events_maxlen=c.maxlen, by=c.me))
-        if not calls and then is None:
+        if not calls:  # nothing to send: the loop's next (blocking) read does the read-ahead
             return 0, answers, None
 
         def send(batch: Batch) -> None:
