@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -23,6 +24,8 @@ import httpx
 from bench.env import TERMINAL, Tidal
 from bench.stats import percentiles
 from bench.tidal_submit import NOOP
+from common.client import Client
+from common.models import Job
 
 HOPS = ("admitted_at", "dispatched_at", "started_at", "finished_at")
 
@@ -43,41 +46,32 @@ def _hops(t: Tidal, job_ids: list[str]) -> dict[str, float]:
     return {names[h]: round(statistics.median(v), 2) for h, v in per.items() if v}
 
 
-def run_run(t: Tidal, n: int) -> dict[str, Any]:
+def _sequential(t: Tidal, n: int, mode: str, one: Callable[[Client], Job]) -> dict[str, Any]:
+    """n jobs one after another, each timed from submit to its finished document."""
     samples: list[float] = []
     ids: list[str] = []
     with t.client() as c:
         for _ in range(min(5, n)):  # warm-up: connections, script caches
-            c.run(NOOP, timeout=30)
+            one(c)
         for _ in range(n):
             t0 = time.perf_counter()
-            done = c.run(NOOP, timeout=30)
+            done = one(c)
             samples.append((time.perf_counter() - t0) * 1000)
             assert done.state.terminal
             ids.append(done.id)
-    out: dict[str, Any] = {"mode": "SDK run (one request: POST /jobs?wait=)",
-                           **percentiles(samples)}
+    out: dict[str, Any] = {"mode": mode, **percentiles(samples)}
     out["hops_ms_p50"] = _hops(t, ids)
     return out
+
+
+def run_run(t: Tidal, n: int) -> dict[str, Any]:
+    return _sequential(t, n, "SDK run (one request: POST /jobs?wait=)",
+                       lambda c: c.run(NOOP, timeout=30))
 
 
 def run_wait(t: Tidal, n: int) -> dict[str, Any]:
-    samples: list[float] = []
-    ids: list[str] = []
-    with t.client() as c:
-        for _ in range(min(5, n)):  # warm-up: connections, script caches
-            c.wait(c.submit(NOOP).id, timeout=30)
-        for _ in range(n):
-            t0 = time.perf_counter()
-            job = c.submit(NOOP)
-            done = c.wait(job.id, timeout=30)
-            samples.append((time.perf_counter() - t0) * 1000)
-            assert done.state.terminal
-            ids.append(job.id)
-    out: dict[str, Any] = {"mode": "SDK submit + wait (long-poll GET /jobs/{id}?wait=)",
-                           **percentiles(samples)}
-    out["hops_ms_p50"] = _hops(t, ids)
-    return out
+    return _sequential(t, n, "SDK submit + wait (long-poll GET /jobs/{id}?wait=)",
+                       lambda c: c.wait(c.submit(NOOP).id, timeout=30))
 
 
 def run_poll(t: Tidal, n: int) -> dict[str, Any]:

@@ -102,6 +102,20 @@ def long_poll_until_finished(client: TestClient, job_id: str
     return poller, answer, watch
 
 
+def run_and_fail_while_held(h: Harness, watch: Any, job_id: str,
+                            request: threading.Thread) -> None:
+    """Take the job through every transition to running (the request, held until the
+    job finished, must still be waiting), then fail it with exit code 3: the request must
+    answer."""
+    h.worker("w1", slots=1)
+    assert run(h, "w1") == [job_id]  # pending → queued → dispatched → running
+    wait_for(lambda: job_id in watch.waiters, what="the request to wait again")
+    assert request.is_alive(), "answered before the job finished"
+    h.finish(job_id, "failed", exit_code=3)
+    request.join(timeout=10)
+    assert not request.is_alive(), "the request did not answer when the job finished"
+
+
 def test_long_poll_until_finished_holds_through_every_transition(
     client: TestClient, h: Harness
 ) -> None:
@@ -109,13 +123,7 @@ def test_long_poll_until_finished_holds_through_every_transition(
     SDK's wait and tidal wait use: one request per job instead of one per transition)."""
     job_id = submit(client)
     poller, answer, watch = long_poll_until_finished(client, job_id)
-    h.worker("w1", slots=1)
-    assert run(h, "w1") == [job_id]  # pending → queued → dispatched → running
-    wait_for(lambda: job_id in watch.waiters, what="the request to wait again")
-    assert poller.is_alive(), "answered before the job finished"
-    h.finish(job_id, "failed", exit_code=3)
-    poller.join(timeout=10)
-    assert not poller.is_alive(), "the long-poll did not answer when the job finished"
+    run_and_fail_while_held(h, watch, job_id, poller)
     assert answer["status"] == 200
     assert (answer["body"]["state"], answer["body"]["exit_code"]) == ("failed", 3)
 
@@ -191,13 +199,7 @@ def test_submit_with_wait_answers_once_the_job_finished(client: TestClient, h: H
                      what="the request to start watching")
     job_id = wait_for(lambda: next(iter(watch.waiters), None),
                       what="the request to wait on its job")
-    h.worker("w1", slots=1)
-    assert run(h, "w1") == [job_id]  # pending → queued → dispatched → running
-    wait_for(lambda: job_id in watch.waiters, what="the request to wait again")
-    assert poster.is_alive(), "answered before the job finished"
-    h.finish(job_id, "failed", exit_code=3)
-    poster.join(timeout=10)
-    assert not poster.is_alive(), "the request did not answer when the job finished"
+    run_and_fail_while_held(h, watch, job_id, poster)
     assert answer["status"] == 202
     assert answer["body"]["id"] == job_id
     assert (answer["body"]["state"], answer["body"]["exit_code"]) == ("failed", 3)
