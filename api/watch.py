@@ -8,6 +8,7 @@ by every transition, in the same Lua call that appends the event) before it slee
 least every RECHECK_S, and the request reads the job again after a wake-up, so a reader
 that falls behind or fails only makes an answer later, never wrong.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -52,11 +53,6 @@ class JobWatch:
         self.wanted = {False: 0, True: 0}  # waiters by finished-only
         self.readers = {False: _Reader(self, ctx.keys.events(), False),
                         True: _Reader(self, ctx.keys.finished(), True)}
-
-    @property
-    def last(self) -> str:
-        """The events reader's position (tests)."""
-        return self.readers[False].last
 
     async def changed(self, job_id: str, seq: str | None, timeout: float, *,
                       finished: bool = False) -> bool:
