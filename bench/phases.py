@@ -9,6 +9,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from bench import profile, tidal_drain, tidal_latency, tidal_logs, tidal_submit
@@ -127,6 +128,8 @@ def drain(run: Any, t: Tidal, peers: list[Any]) -> int:
     tres["without_recorder"] = run.guard("tidal drain without recorder",
                                          lambda: _without_recorder(run, t, best_c))
     tres["server_hz"] = run.guard("tidal drain at hz 500", lambda: _with_hz(run, t, best_c))
+    tres["dispatch_ahead"] = run.guard("tidal drain dispatching ahead",
+                                       lambda: _dispatch_ahead(run, t, best_c))
     return int(best_c)
 
 
@@ -168,21 +171,34 @@ def _with_hz(run: Any, t: Tidal, c: int, hz: int = 500) -> dict[str, Any]:
     return out
 
 
-def _without_recorder(run: Any, t: Tidal, c: int) -> dict[str, Any]:
-    """Diagnostic: the scheduler restarted with TIDAL_RECORDER=false (no SQL mirror)."""
+def _restarted(run: Any, t: Tidal, what: str, env: dict[str, str],
+               drain: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Diagnostic: drains with the scheduler restarted with `env`, then as it was."""
     t.stop_scheduler()
     got: list[Any] = []
     try:
-        t.start_scheduler(TIDAL_RECORDER="false")
+        t.start_scheduler(**env)
         for r in range(run.diag_rounds):
-            log(f"round {r + 1}: tidal drain {run.n} jobs, 1 worker × {c}, recorder off")
-            _add({"x": got}, "x", run.guard("tidal drain without recorder",
-                                            lambda: tidal_drain.run_without_recorder(
-                                                t, run.n, c, timeout=run.drain_max_s)))
+            log(f"round {r + 1}: tidal drain {run.n} jobs, {what}")
+            _add({"x": got}, "x", run.guard(f"tidal drain, {what}", drain))
     finally:
         t.stop_scheduler()
         t.start_scheduler()
     return _fold(got)
+
+
+def _without_recorder(run: Any, t: Tidal, c: int) -> dict[str, Any]:
+    """The scheduler with TIDAL_RECORDER=false (no SQL mirror: done = terminal in Redis)."""
+    return _restarted(run, t, f"1 worker × {c}, recorder off", {"TIDAL_RECORDER": "false"},
+                      lambda: tidal_drain.run_without_recorder(t, run.n, c,
+                                                               timeout=run.drain_max_s))
+
+
+def _dispatch_ahead(run: Any, t: Tidal, c: int, ahead: str = "1") -> dict[str, Any]:
+    """The scheduler with TIDAL_DISPATCH_AHEAD (a prefetch of that fraction of the slots)."""
+    return _restarted(run, t, f"1 worker × {c}, dispatch ahead {ahead}",
+                      {"TIDAL_DISPATCH_AHEAD": ahead},
+                      lambda: tidal_drain.run_once(t, run.n, c, timeout=run.drain_max_s))
 
 
 def _best(by_conf: dict[str, Any]) -> int | None:

@@ -232,6 +232,10 @@ def _tidal_table(res: dict[str, Any]) -> Table:
     if wr and wr.get("runs"):
         extra.add_row("diagnostic: drain, best setting, recorder off (jobs/s)",
                       _fmt(wr.get("jobs_per_s")))
+    da = _get(t, "drain", "dispatch_ahead")
+    if da and da.get("runs"):
+        extra.add_row("diagnostic: drain, best setting, TIDAL_DISPATCH_AHEAD=1 (jobs/s)",
+                      _fmt(da.get("jobs_per_s")))
     hz = _get(t, "drain", "server_hz")
     if hz:
         extra.add_row("diagnostic: XREADGROUP BLOCK 20 really takes (ms) at hz 10 / 500",

@@ -39,6 +39,10 @@ class Settings(BaseSettings):
     admit_batch: int = 500
     dispatch_batch: int = 500
     capacity_refresh_s: float = 0.25
+    # dispatch beyond the free slots by this fraction of the live slots (a prefetch): a
+    # worker then starts its next job without waiting for the scheduler, and priority
+    # decides that many jobs earlier; 0 keeps the dispatch stream within the free slots
+    dispatch_ahead: float = Field(default=0.0, ge=0.0, le=4.0)
     reclaim_idle_s: float = 30.0  # a submissions/events entry pending this long is taken over
     reap_interval_s: float = 2.0
     max_deliveries: int = 3  # a job lost with its worker more often fails as poison

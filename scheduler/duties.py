@@ -6,7 +6,7 @@ schedulers can run side by side and one killed at any instant leaves nothing hal
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import orjson
@@ -141,7 +141,10 @@ class Duties:
         c = self.ctx
         self._refresh_cluster()
         self.refresh_queue_names()
-        queues = [(q, cap) for q in self.queue_names
+        # with dispatch_ahead, the budget is the slots plus that fraction more (a prefetch)
+        ahead = c.settings.dispatch_ahead
+        queues = [(q, replace(cap, slots=cap.slots + int(cap.slots * ahead)) if ahead else cap)
+                  for q in self.queue_names
                   if (cap := self.cluster.by_queue.get(q)) and cap.slots > 0]
         if not queues and not before and then is None:
             return 0, [], None

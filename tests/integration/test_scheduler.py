@@ -63,6 +63,29 @@ def test_admits_and_dispatches_only_up_to_free_slots(
     assert r.hget(keys.job(jobs[1]), "wait_reason") == "priority"
 
 
+def test_dispatch_ahead_hands_out_that_fraction_more_than_the_free_slots(
+    r: redis.Redis, keys: Keys, settings: Settings
+) -> None:
+    """TIDAL_DISPATCH_AHEAD=1: two slots get four jobs, best first (the two beyond the
+    slots wait in the dispatch stream for the first free slot); never more."""
+    s = Scheduler(settings.model_copy(update={"capacity_refresh_s": 0.0,
+                                              "dispatch_ahead": 1.0}))
+    thread = threading.Thread(target=s.run, daemon=True)
+    thread.start()
+    try:
+        jobs = [submit(r, keys, settings, priority="low") for _ in range(5)]
+        crit = submit(r, keys, settings, priority="critical")
+        wait_for(lambda: r.zcard(keys.queue("default")) == 6, what="all six admitted")
+        fake_worker(r, keys, "w1", slots=2)
+        wait_for(lambda: r.xlen(keys.dispatch("default")) == 4, what="four dispatched")
+        s.duties.dispatch_all()  # nothing more: the budget is spent
+        assert [f["id"] for _, f in r.xrange(keys.dispatch("default"))] == [crit, *jobs[:3]]
+        assert r.zrange(keys.queue("default"), 0, -1) == jobs[3:]
+    finally:
+        s.stop()
+        thread.join(timeout=10)
+
+
 def test_no_live_worker_means_nothing_dispatched(
     r: redis.Redis, keys: Keys, settings: Settings, scheduler: Scheduler
 ) -> None:
