@@ -74,9 +74,11 @@ def test_tidal_up_end_to_end(tmp_path: Path, procs: Procs) -> None:
     assert cli(tmp_path, "cancel", long_id).returncode == 0
     wait_for(lambda: status(tmp_path, long_id)["state"] == "cancelled", timeout=30,
              what="cancelled")
-    sleepers = [p for p in psutil.process_iter(["cmdline"])
-                if p.info["cmdline"] == ["sleep", "300"]]
-    assert sleepers == []
+    # SIGKILL went to the whole tree before the state was written; the kernel ends the
+    # processes as they are next scheduled (moments later on a busy machine)
+    wait_for(lambda: not [p for p in psutil.process_iter(["cmdline"])
+                          if p.info["cmdline"] == ["sleep", "300"]],
+             timeout=5, what="the job's whole process tree to be gone")
 
     # workers, with a readable table and JSON
     workers = json.loads(cli(tmp_path, "workers", "--json").stdout)
