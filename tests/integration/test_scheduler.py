@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 import redis
@@ -35,9 +36,10 @@ def fake_worker(r: redis.Redis, keys: Keys, worker_id: str, slots: int, queues: 
                                    ttl_ms=ttl_ms))
 
 
-@pytest.fixture
-def scheduler(settings: Settings) -> Iterator[Scheduler]:
-    s = Scheduler(settings.model_copy(update={"capacity_refresh_s": 0.0}))
+@contextmanager
+def running(settings: Settings, **update: object) -> Iterator[Scheduler]:
+    """A scheduler loop in a thread (capacity re-read at every pass), stopped after."""
+    s = Scheduler(settings.model_copy(update={"capacity_refresh_s": 0.0, **update}))
     thread = threading.Thread(target=s.run, daemon=True)
     thread.start()
     try:
@@ -46,6 +48,12 @@ def scheduler(settings: Settings) -> Iterator[Scheduler]:
         s.stop()
         thread.join(timeout=10)
         assert not thread.is_alive()
+
+
+@pytest.fixture
+def scheduler(settings: Settings) -> Iterator[Scheduler]:
+    with running(settings) as s:
+        yield s
 
 
 def test_admits_and_dispatches_only_up_to_free_slots(
@@ -68,11 +76,7 @@ def test_dispatch_ahead_hands_out_that_fraction_more_than_the_free_slots(
 ) -> None:
     """TIDAL_DISPATCH_AHEAD=1: two slots get four jobs, best first (the two beyond the
     slots wait in the dispatch stream for the first free slot); never more."""
-    s = Scheduler(settings.model_copy(update={"capacity_refresh_s": 0.0,
-                                              "dispatch_ahead": 1.0}))
-    thread = threading.Thread(target=s.run, daemon=True)
-    thread.start()
-    try:
+    with running(settings, dispatch_ahead=1.0) as s:
         jobs = [submit(r, keys, settings, priority="low") for _ in range(5)]
         crit = submit(r, keys, settings, priority="critical")
         wait_for(lambda: r.zcard(keys.queue("default")) == 6, what="all six admitted")
@@ -81,9 +85,6 @@ def test_dispatch_ahead_hands_out_that_fraction_more_than_the_free_slots(
         s.duties.dispatch_all()  # nothing more: the budget is spent
         assert [f["id"] for _, f in r.xrange(keys.dispatch("default"))] == [crit, *jobs[:3]]
         assert r.zrange(keys.queue("default"), 0, -1) == jobs[3:]
-    finally:
-        s.stop()
-        thread.join(timeout=10)
 
 
 def test_no_live_worker_means_nothing_dispatched(
