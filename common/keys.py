@@ -53,6 +53,12 @@ class Keys:
         """SCAN pattern matching every job hash (operations tools only)."""
         return f"{self.prefix}:job:*"
 
+    def capacity(self, queue: str) -> str:
+        """hash + TTL: what the live workers of `queue` offer (slots, cpu, memory_mb, gpu,
+        max_cpu, max_memory_mb, max_gpu), as the scheduler last counted it; workers read
+        it to dispatch for their own free slots (dispatch.lua)."""
+        return f"{self.prefix}:capacity:{queue}"
+
     def queue(self, queue: str) -> str:
         """zset: queued job ids by score (enqueue ms + level × priority step)."""
         return f"{self.prefix}:queue:{queue}"

@@ -243,16 +243,18 @@ class Capacity:
 
 
 def dispatch(
-    keys: Keys, queue: str, candidates: Sequence[str], *, capacity: Capacity,
+    keys: Keys, queue: str, candidates: Sequence[str], *, capacity: Capacity | None,
     events_maxlen: int, by: str,
 ) -> Call:
+    """capacity None: the one the scheduler published (a worker's call; see dispatch.lua)."""
     c = capacity
+    cap: list[Any] = ["*", "", "", "", "", "", ""] if c is None else [
+        c.slots, c.cpu, c.memory_mb, c.gpu, c.max_cpu, c.max_memory_mb, c.max_gpu]
     return Call(
         "dispatch",
         [keys.queue(queue), keys.dispatch(queue), keys.events(), keys.ledger(), keys.stale(),
-         *map(keys.job, candidates)],
-        [c.slots, events_maxlen, by, c.cpu, c.memory_mb, c.gpu, c.max_cpu, c.max_memory_mb,
-         c.max_gpu, *candidates],
+         keys.capacity(queue), *map(keys.job, candidates)],
+        [cap[0], events_maxlen, by, *cap[1:], *candidates],
     )
 
 

@@ -60,6 +60,10 @@ class Settings(BaseSettings):
     max_job_gpu: int = 16
 
     # workers
+    # a worker with free slots dispatches the queue's next jobs itself, in the round trip
+    # of its read (within the live capacity the scheduler publishes, in priority order);
+    # off: only the scheduler dispatches
+    worker_dispatch: bool = True
     heartbeat_s: float = 2.0
     worker_ttl_s: float = 10.0
     concurrency: int = 4

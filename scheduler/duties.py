@@ -6,7 +6,7 @@ schedulers can run side by side and one killed at any instant leaves nothing hal
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import orjson
@@ -141,10 +141,7 @@ class Duties:
         c = self.ctx
         self._refresh_cluster()
         self.refresh_queue_names()
-        # with dispatch_ahead, the budget is the slots plus that fraction more (a prefetch)
-        ahead = c.settings.dispatch_ahead
-        queues = [(q, replace(cap, slots=cap.slots + int(cap.slots * ahead)) if ahead else cap)
-                  for q in self.queue_names
+        queues = [(q, cap) for q in self.queue_names
                   if (cap := self.cluster.by_queue.get(q)) and cap.slots > 0]
         if not queues and not before and then is None:
             return 0, [], None
@@ -193,7 +190,15 @@ class Duties:
             pipe.hmget(c.keys.worker(worker_id), "queues", "slots", "cpu", "memory_mb", "gpu")
         workers = [w for w in (pipe.execute() if ids else []) if w[0] is not None]
         self.cluster = Cluster(self._capacities(workers), monotonic())
-        c.client.zremrangebyscore(c.keys.workers(), "-inf", f"({alive_after}")
+        # published for the workers' own dispatch (dispatch.lua); it outlives a scheduler
+        # that stops by a worker TTL at most, as its count of the workers would
+        pipe = c.client.pipeline(transaction=False)
+        pipe.zremrangebyscore(c.keys.workers(), "-inf", f"({alive_after}")
+        ttl_ms = int(c.settings.worker_ttl_s * 1000)
+        for queue, cap in self.cluster.by_queue.items():
+            pipe.hset(c.keys.capacity(queue), mapping=asdict(cap))
+            pipe.pexpire(c.keys.capacity(queue), ttl_ms)
+        pipe.execute()
 
     def _capacities(self, workers: list[list[str | None]]) -> dict[str, sc.Capacity]:
         s = self.ctx.settings
@@ -204,8 +209,10 @@ class Duties:
                 by_queue.setdefault(q, []).append(res)
         out = {}
         for q, rows in by_queue.items():
+            slots = sum(r[0] for r in rows)
             out[q] = sc.Capacity(
-                slots=sum(r[0] for r in rows),
+                # with dispatch_ahead, the budget is the slots plus that fraction more
+                slots=slots + int(slots * s.dispatch_ahead),
                 cpu=sum(r[1] for r in rows) * s.overcommit - s.reserve_cpu,
                 memory_mb=int(sum(r[2] for r in rows) * s.overcommit) - s.reserve_memory_mb,
                 gpu=sum(r[3] for r in rows),

@@ -187,3 +187,54 @@ def test_hand_backs_spend_no_retry_and_never_make_a_job_poison(
                                          by="s1")))
     assert outcomes == [[1, 0], [1, 0], [0, 1]]
     assert r.hmget(keys.job(lost_job), "state", "reason") == ["failed", "poison"]
+
+
+def _publish(r: redis.Redis, keys: Keys, slots: int) -> None:
+    r.hset(keys.capacity("default"), mapping={
+        "slots": slots, "cpu": 8, "memory_mb": 8192, "gpu": 0, "max_cpu": 8,
+        "max_memory_mb": 8192, "max_gpu": 0})
+
+
+def _worker_dispatch(s: sc.Scripts, keys: Keys, candidates: list[str]) -> list[int]:
+    return list(s.run(sc.dispatch(keys, "default", candidates, capacity=None,
+                                  events_maxlen=MAXLEN, by="w1")))
+
+
+def test_worker_dispatch_needs_published_capacity_and_keeps_within_it(
+    r: redis.Redis, keys: Keys,
+) -> None:
+    s = sc.Scripts(r)
+    jobs = [_submit(r, s, keys) for _ in range(3)]
+    _admit_all(r, s, keys)
+    # no capacity published (no scheduler counted the workers): nothing goes out
+    assert _worker_dispatch(s, keys, jobs) == [0, 0]
+    _publish(r, keys, 2)
+    assert _worker_dispatch(s, keys, jobs) == [2, 0]
+    assert r.xlen(keys.dispatch("default")) == 2
+    assert [r.hget(keys.job(j), "state") for j in jobs] == ["dispatched", "dispatched", "queued"]
+    # the stream is full: a worker's stale view of the head sends nothing more
+    assert _worker_dispatch(s, keys, jobs) == [0, 0]
+
+
+def test_worker_dispatch_sends_only_the_head_it_knows(r: redis.Redis, keys: Keys) -> None:
+    """Candidates read earlier send only the prefix of the queue's head as it is now: a
+    better job that came in meanwhile stops the call (the scheduler sends it), and jobs
+    someone else took are skipped."""
+    s = sc.Scripts(r)
+    a, b, c = (_submit(r, s, keys) for _ in range(3))
+    _admit_all(r, s, keys)
+    _publish(r, keys, 10)
+    seen = r.zrange(keys.queue("default"), 0, -1)
+    assert seen == [a, b, c]
+    crit = _submit(r, s, keys, priority="critical")
+    _admit_all(r, s, keys)
+    assert _worker_dispatch(s, keys, seen) == [0, 0]
+    assert r.hget(keys.job(a), "state") == "queued"
+    # the scheduler sends the critical job and `a`; the worker's stale view still serves
+    s.run(sc.dispatch(keys, "default", [crit, a], capacity=sc.Capacity(10),
+                      events_maxlen=MAXLEN, by="s1"))
+    assert _worker_dispatch(s, keys, seen) == [2, 0]
+    assert [r.hget(keys.job(j), "state") for j in (b, c)] == ["dispatched", "dispatched"]
+    assert r.xlen(keys.dispatch("default")) == 4
+    events = [f for _, f in r.xrange(keys.events()) if f.get("state") == "dispatched"]
+    assert [f.get("by") for f in events] == ["s1", "s1", "w1", "w1"]

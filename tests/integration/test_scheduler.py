@@ -87,6 +87,20 @@ def test_dispatch_ahead_hands_out_that_fraction_more_than_the_free_slots(
         assert r.zrange(keys.queue("default"), 0, -1) == jobs[3:]
 
 
+def test_publishes_each_queues_live_capacity_for_the_workers_dispatch(
+    r: redis.Redis, keys: Keys, settings: Settings
+) -> None:
+    """The capacity hash a worker's own dispatch reads: the live slots (with the
+    dispatch-ahead budget) per queue, with a TTL so it outlives its scheduler by a worker
+    TTL at most."""
+    with running(settings, dispatch_ahead=0.5):
+        fake_worker(r, keys, "w1", slots=2)
+        fake_worker(r, keys, "w2", slots=4, queues="default,gpu")
+        wait_for(lambda: r.hget(keys.capacity("gpu"), "slots") == "6", what="gpu published")
+        assert r.hget(keys.capacity("default"), "slots") == "9"  # 6 + half of them
+        assert 0 < r.pttl(keys.capacity("default")) <= settings.worker_ttl_s * 1000
+
+
 def test_no_live_worker_means_nothing_dispatched(
     r: redis.Redis, keys: Keys, settings: Settings, scheduler: Scheduler
 ) -> None:

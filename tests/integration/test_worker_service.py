@@ -33,8 +33,9 @@ MAXLEN = 10_000
 TERMINAL = {"completed", "failed", "cancelled", "retrying"}
 
 
-def enqueue(r: redis.Redis, keys: Keys, **spec: Any) -> str:
-    """submit → admit → dispatch one job, as the API and the scheduler would."""
+def enqueue(r: redis.Redis, keys: Keys, *, dispatch: bool = True, **spec: Any) -> str:
+    """submit → admit → dispatch one job, as the API and the scheduler would (dispatch
+    False: left queued)."""
     s = sc.Scripts(r)
     job_id = new_job_id()
     sub = JobSubmission.model_validate(spec)
@@ -46,6 +47,8 @@ def enqueue(r: redis.Redis, keys: Keys, **spec: Any) -> str:
         for entry_id, f in items
     ]
     s.run(sc.admit(keys, entries, events_maxlen=MAXLEN, priority_step_ms=300_000, by="s1"))
+    if not dispatch:
+        return job_id
     sent, _held = s.run(sc.dispatch(keys, sub.queue, [job_id], capacity=sc.Capacity(1000),
                                     events_maxlen=MAXLEN, by="s1"))
     assert sent == 1
@@ -521,3 +524,20 @@ def test_worker_process_exits_0_on_sigterm(
     lines = [orjson.loads(line) for line in (tmp_path / "worker.log").read_bytes().splitlines()]
     assert {"worker starting", "job finished", "worker stopped"} <= {x["event"] for x in lines}
     assert all(x.get("service") == "worker" and x.get("worker_id") for x in lines)
+
+
+def test_worker_dispatches_for_its_free_slots_within_the_published_capacity(
+    r: redis.Redis, keys: Keys, settings: Settings,
+) -> None:
+    """No scheduler dispatches here: the worker sends the queued jobs itself, in the round
+    trip of its reads, bounded by the capacity a scheduler would publish."""
+    r.hset(keys.capacity("default"), mapping={
+        "slots": 2, "cpu": 8, "memory_mb": 8192, "gpu": 0, "max_cpu": 8,
+        "max_memory_mb": 8192, "max_gpu": 0})
+    jobs = [enqueue(r, keys, dispatch=False, command="true") for _ in range(5)]
+    with serving(settings.model_copy(update={"concurrency": 2})):
+        wait_for(lambda: all(r.hget(keys.job(j), "state") == "completed" for j in jobs),
+                 timeout=15)
+    by = {f["by"] for _, f in r.xrange(keys.events()) if f.get("state") == "dispatched"}
+    assert len(by) == 1 and by != {"s1"}  # the worker's id
+    assert r.xlen(keys.dispatch("default")) == 0
