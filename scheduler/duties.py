@@ -70,7 +70,7 @@ class Duties:
         return self._admit_entries(items)
 
     def _admit_entries(self, items: list[Entry]) -> int:
-        plain, with_deps = self.plan_admit(items)
+        plain, _, with_deps = self.plan_admit(items)
         admitted = 0
         if plain:
             admitted += int(self.ctx.scripts.run(plain))
@@ -78,9 +78,12 @@ class Duties:
             admitted += self.admit_with_deps(with_deps)
         return admitted
 
-    def plan_admit(self, items: list[Entry]) -> tuple[sc.Call | None, list[sc.Admission]]:
+    def plan_admit(
+        self, items: list[Entry],
+    ) -> tuple[sc.Call | None, list[sc.Admission], list[sc.Admission]]:
         """The admit.lua call for the entries without dependencies (None if there are
-        none), and the entries with dependencies (admitted by `admit_with_deps`)."""
+        none), those entries, and the entries with dependencies (admitted by
+        `admit_with_deps`)."""
         plain: list[sc.Admission] = []
         with_deps: list[sc.Admission] = []
         for entry_id, f in items:
@@ -95,9 +98,9 @@ class Duties:
             self.fresh_queues |= new
             self.queue_names = sorted({*self.queue_names, *new})
         if not plain:
-            return None, with_deps
+            return None, plain, with_deps
         return sc.admit(self.ctx.keys, plain, events_maxlen=self.ctx.maxlen,
-                        priority_step_ms=self.ctx.step_ms, by=self.ctx.me), with_deps
+                        priority_step_ms=self.ctx.step_ms, by=self.ctx.me), plain, with_deps
 
     def admit_with_deps(self, entries: list[sc.Admission]) -> int:
         c = self.ctx
@@ -129,6 +132,7 @@ class Duties:
 
     def dispatch_after(
         self, before: Sequence[sc.Call], then: Callable[[Batch], object] | None = None,
+        admitted: Sequence[sc.Admission] = (),
     ) -> tuple[int, list[Any], Any]:
         """For every queue with live capacity, hand out its best jobs up to the free slots:
         one round trip reads every queue's jobs in flight and best candidates (after the
@@ -136,8 +140,11 @@ class Duties:
         slots. dispatch.lua counts the free slots again itself, so the dispatch stream never
         holds more than the free slots. `then` queues one more command on the last round
         trip (the loop's next read), when there is a last round trip: a pass with nothing
-        to dispatch leaves it to the loop's own read. Returns (jobs dispatched, the answers
-        of `before`, the answer of `then` or None)."""
+        to dispatch leaves it to the loop's own read. Jobs `admitted` by a call of `before`
+        are dispatched in the first round trip already, as far as they are the head of
+        their queue (dispatch.lua's head-checked mode): a job submitted to an idle cluster
+        goes out one round trip sooner. Returns (jobs dispatched, the answers of `before`,
+        the answer of `then` or None)."""
         c = self.ctx
         self._refresh_cluster()
         self.refresh_queue_names()
@@ -146,8 +153,10 @@ class Duties:
         if not queues and not before and then is None:
             return 0, [], None
 
+        early = self._early_dispatch(admitted, dict(queues))
+
         def read(batch: Batch) -> None:
-            for call in before:
+            for call in (*before, *early):
                 batch.script(call)
             for queue, capacity in queues:
                 batch.xlen(c.keys.dispatch(queue))
@@ -160,6 +169,8 @@ class Duties:
             return 0, got[:len(before)], got[-1] if then else None
         got = c.execute(read)
         answers, got = got[:len(before)], got[len(before):]
+        dispatched = sum(int(s) for s, _held in got[:len(early)])
+        got = got[len(early):]
         calls = []
         for i, (queue, capacity) in enumerate(queues):
             in_flight, candidates = got[2 * i], got[2 * i + 1]
@@ -167,7 +178,7 @@ class Duties:
                 calls.append(sc.dispatch(c.keys, queue, candidates, capacity=capacity,
                                          events_maxlen=c.maxlen, by=c.me))
         if not calls:  # nothing to send: the loop's next (blocking) read does the read-ahead
-            return 0, answers, None
+            return dispatched, answers, None
 
         def send(batch: Batch) -> None:
             for call in calls:
@@ -177,7 +188,19 @@ class Duties:
 
         sent = c.execute(send)
         later = sent.pop() if then else None
-        return sum(int(s) for s, _held in sent), answers, later
+        return dispatched + sum(int(s) for s, _held in sent), answers, later
+
+    def _early_dispatch(self, admitted: Sequence[sc.Admission],
+                        capacities: dict[str, sc.Capacity]) -> list[sc.Call]:
+        """dispatch.lua calls (head-checked, on the published capacity) for the jobs just
+        admitted, by queue, no more of them than the queue's slots."""
+        c = self.ctx
+        fresh: dict[str, list[str]] = {}
+        for a in admitted:
+            if a.queue in capacities and not a.host:
+                fresh.setdefault(a.queue, []).append(a.job_id)
+        return [sc.dispatch(c.keys, q, ids[:capacities[q].slots], capacity=None,
+                            events_maxlen=c.maxlen, by=c.me) for q, ids in fresh.items()]
 
     def _refresh_cluster(self) -> None:
         c = self.ctx

@@ -93,13 +93,13 @@ class Scheduler:
         subs, ended = [], []
         for stream, items in got or []:
             (subs if stream == c.keys.submissions() else ended).extend(items)
-        admit, with_deps = self.duties.plan_admit(subs)
+        admit, plain, with_deps = self.duties.plan_admit(subs)
         if with_deps:
             self.duties.admit_with_deps(with_deps)
         todo = self.settler.plan(ended)
         before = [call for call in (admit, self.settler.call(todo) if todo else None) if call]
         read_ahead = self._read_ahead if subs or ended else None
-        sent, answers, self.ahead = self.duties.dispatch_after(before, read_ahead)
+        sent, answers, self.ahead = self.duties.dispatch_after(before, read_ahead, plain)
         if todo and answers[-1]:  # some hosts had waiters, some jobs dependents
             self.settler.follow_up(todo, answers[-1])
             self.no_wait = True  # what they enqueued is dispatched by the next pass

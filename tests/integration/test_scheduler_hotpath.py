@@ -132,6 +132,41 @@ def test_a_finish_wakes_the_blocked_loop_which_settles_and_refills(
     assert h.state(second) == "dispatched"
 
 
+def test_a_job_submitted_to_an_idle_queue_goes_out_in_the_admitting_round_trip(
+    h: Harness, r: redis.Redis, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Admission and dispatch of a lone job share one round trip (dispatch.lua right
+    after admit.lua, head-checked); behind older queued jobs it waits its turn."""
+    h.worker("w1", slots=2)
+    s = h.schedulers[0]
+    s.step(block_ms=0)  # counts the live workers and publishes their capacity
+    for name in ("admit", "dispatch"):  # so no NOSCRIPT reply makes a pass re-send
+        r.script_load(sc.source(name))
+    trips = 0
+    execute = s.ctx.execute
+
+    def counted(build: Any) -> list[Any]:
+        nonlocal trips
+        trips += 1
+        return execute(build)
+
+    monkeypatch.setattr(s.ctx, "execute", counted)
+    job = h.submit()
+    s.step(block_ms=0)
+    assert h.state(job) == "dispatched" and trips == 1
+    # a full queue, then a slot frees: a new job behind an older one does not jump it
+    busy = h.submit()
+    s.step(block_ms=0)
+    low = h.submit(priority="low")
+    s.step(block_ms=0)
+    assert sorted(h.take("w1")) == sorted([job, busy]) and h.state(low) == "queued"
+    h.finish(job)
+    later = h.submit(priority="low")
+    s.step(block_ms=0)
+    assert h.state(low) == "dispatched" and h.state(later) == "queued"
+    assert r.xlen(h.keys.dispatch("default")) == 2
+
+
 def test_two_schedulers_reading_both_streams_never_overfill_the_slots(
     h: Harness, r: redis.Redis
 ) -> None:
