@@ -293,11 +293,15 @@ def finish(
     retry_delay_ms: int,
     events_maxlen: int,
     ttl_s: int,
+    owner: str = "",
 ) -> Call:
+    """owner: the job's owner, to settle a job without host or dependents in the same
+    call ('': always on the settle stream; see finish.lua)."""
     return Call(
         "finish",
         [keys.job(job_id), keys.dispatch(queue), keys.events(), keys.delayed(), keys.log(job_id),
-         keys.ledger(), keys.settle(), keys.done(job_id), keys.finished()],
+         keys.ledger(), keys.settle(), keys.done(job_id), keys.finished(),
+         keys.user(owner) if owner else keys.job(job_id), keys.dependents(job_id)],
         [
             token,
             GROUP_WORKERS,
@@ -310,6 +314,7 @@ def finish(
             ttl_s,
             retry_delay_ms,
             worker,
+            owner,
             *(item for pair in outcome.usage for item in pair),
         ],
     )
@@ -331,9 +336,9 @@ def finish_batch(calls: Sequence[Call]) -> Call:
         if ([k[2], k[3], k[5], k[6], k[8]] != shared_keys
                 or (a[1], a[7], a[8], a[10]) != (group, maxlen, ttl, worker)):
             raise ValueError("finish_batch: calls of different workers or settings")
-        keys += [k[0], k[1], k[4], k[7]]
-        usage = a[11:]
-        args += [a[0], a[2], a[3], a[4], a[5], a[6], a[9], len(usage) // 2, *usage]
+        keys += [k[0], k[1], k[4], k[7], k[9], k[10]]
+        usage = a[12:]
+        args += [a[0], a[2], a[3], a[4], a[5], a[6], a[9], a[11], len(usage) // 2, *usage]
     return Call("finish", keys, args)
 
 def cancel(

@@ -146,6 +146,7 @@ class JobRun:
     token: str  # the dispatch entry id: the attempt's fencing token
     attempt: int
     spec: Spec
+    owner: str = ""  # who submitted it ('' unknown: its end then goes to the settle stream)
     # monotonic time a heartbeat that found this attempt still ours was sent (its lease)
     confirmed_at: float = field(default=float("-inf"), init=False)
     abort_reason: str | None = field(default=None, init=False)

@@ -390,13 +390,14 @@ class Worker:
             return batch
         pipe = self.client.pipeline(transaction=False)
         for _, _, job_id in unsure:
-            pipe.hmget(self.keys.job(job_id), "state", "dispatch_id", "worker", "attempt", "spec")
+            pipe.hmget(self.keys.job(job_id), "state", "dispatch_id", "worker", "attempt", "spec",
+                       "owner")
         started = set()
         runs: list[JobRun] = []
         for (queue, entry_id, job_id), h in zip(unsure, pipe.execute(), strict=True):
             if h[0] == "running" and h[1] == entry_id and h[2] == self.id:
                 started.add(entry_id)
-                run = self._launch(queue, entry_id, [job_id, int(h[3]), h[4]])
+                run = self._launch(queue, entry_id, [job_id, int(h[3]), h[4], -1, h[5] or ""])
                 if run is not None:
                     runs.append(run)
         self._hand_out(runs)
@@ -426,7 +427,7 @@ class Worker:
                                                 reason="invalid_spec")):
                 self._release(bad)
             return None
-        run = JobRun(job_id, queue, entry_id, attempt, spec)
+        run = JobRun(job_id, queue, entry_id, attempt, spec, str(row[4]) if len(row) > 4 else "")
         lease_ms = int(row[3]) if len(row) > 3 else -1
         if lease_ms > 0:  # as if a heartbeat had renewed the lease at its expiry − TTL
             run.confirmed_at = sent_at + lease_ms / 1000 - self.settings.worker_ttl_s
@@ -654,6 +655,9 @@ class Worker:
             self.keys, run.job_id, run.queue, run.token, outcome, worker=self.id,
             retry_delay_ms=int(delay * 1000), events_maxlen=self.settings.events_maxlen,
             ttl_s=self.settings.job_ttl_s,
+            # a worker that refills its own slots settles plain jobs itself (finish.lua):
+            # the scheduler need not wake for them
+            owner=run.owner if self.settings.worker_dispatch else "",
         )
         with self._finishing:
             self._to_finish.append((run, outcome, call))

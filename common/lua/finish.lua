@@ -2,7 +2,10 @@
 -- the dispatch entry, give back its resources, then either schedule a retry (state
 -- retrying, in the delayed set; a job keeps its host meanwhile) or record the terminal
 -- state, let the job's keys expire and queue its follow-up (host hand-off, dependents)
--- on the settle stream. Fenced: only the attempt that holds the current dispatch entry
+-- on the settle stream. A job with no host and no dependents needs no follow-up but
+-- counting it off its owner's active jobs: when the caller names the owner (a worker
+-- that dispatches for itself, so no scheduler needs waking to refill its slot), that is
+-- done here and nothing goes on the settle stream. Fenced: only the attempt that holds the current dispatch entry
 -- may finish (a stale worker's XACK would otherwise drop the live attempt's entry:
 -- RELIABILITY.md finding 1).
 --
@@ -15,6 +18,8 @@
 -- KEYS[7] settle stream       {tidal}:settle
 -- KEYS[8] done stream         {tidal}:done:<id> (wakes the job's log followers)
 -- KEYS[9] finished stream     {tidal}:finished (wakes the API's waits for the end)
+-- KEYS[10] owner's user hash  {tidal}:user:<owner> (any key stands in when ARGV[12] is '')
+-- KEYS[11] dependents set     {tidal}:dependents:<id>
 -- ARGV[1] fencing token (the dispatch entry id)
 -- ARGV[2] consumer group
 -- ARGV[3] outcome: completed | failed | cancelled
@@ -26,21 +31,24 @@
 -- ARGV[9] TTL in seconds for the finished job's hash and log
 -- ARGV[10] retry delay in ms if this failure is retried (backoff computed by the caller)
 -- ARGV[11] worker id
--- ARGV[12..] what the attempt used, as field/value pairs for the job hash (peak_rss_kb, cpu_s)
+-- ARGV[12] the job's owner, to settle a job without host or dependents here ('': the
+--   settle stream always; a name that is not the job's owner counts as '')
+-- ARGV[13..] what the attempt used, as field/value pairs for the job hash (peak_rss_kb, cpu_s)
 -- Returns the state written (completed, failed, cancelled, retrying), or
 --   -1 stale token (another attempt owns the job), -2 job not running, -3 no such job.
 --
 -- Batch mode (a worker's finisher: every outcome ready in one call), ARGV[1] = '*':
 -- KEYS[1] events stream, KEYS[2] delayed zset, KEYS[3] ledger hash, KEYS[4] settle stream,
--- KEYS[5] finished stream, then per job (stride 4, from KEYS[6]): its job hash, dispatch
--- stream, log stream, done stream;
+-- KEYS[5] finished stream, then per job (stride 6, from KEYS[6]): its job hash, dispatch
+-- stream, log stream, done stream, owner's user hash, dependents set;
 -- ARGV[2] consumer group, ARGV[3] events MAXLEN, ARGV[4] TTL s, ARGV[5] worker id,
 -- then per job: token, outcome, exit code, result, error text, reason, retry delay ms,
--- n = number of usage field/value pairs, then those 2n values.
+-- owner, n = number of usage field/value pairs, then those 2n values.
 -- Returns one answer per job, as above, in order.
 
--- k = {job, stream, events, delayed, log, ledger, settle, done, finished};
--- a = {token, outcome, exit_code, result, err, reason, retry_ms, usage (flat field/value list)};
+-- k = {job, stream, events, delayed, log, ledger, settle, done, finished, user, dependents};
+-- a = {token, outcome, exit_code, result, err, reason, retry_ms, owner,
+--      usage (flat field/value list)};
 -- c = {group, maxlen, ttl, worker, now}
 local function finish_one(k, a, c)
   local job = k.job
@@ -79,7 +87,15 @@ local function finish_one(k, a, c)
              unpack(fields))
   emit_seq(k.events, c.maxlen, seq, id, outcome, now, c.worker,
            {'attempt', attempt, 'exit_code', a.exit_code, 'reason', reason})
-  settle(k.settle, job, id, outcome, {h[12], h[13]})
+  if a.owner ~= '' and a.owner == h[12] and (h[13] or '') == ''
+      and redis.call('SCARD', k.dependents) == 0 then
+    -- settled here: what settle.lua does for such a job (its deps set is empty, so gone)
+    if (tonumber(redis.call('HGET', k.user, 'active')) or 0) > 0 then
+      redis.call('HINCRBY', k.user, 'active', -1)
+    end
+  else
+    settle(k.settle, job, id, outcome, {h[12], h[13]})
+  end
   redis.call('EXPIRE', job, c.ttl)
   redis.call('EXPIRE', k.log, c.ttl)
   mark_done(k.done, k.finished, id, outcome)
@@ -88,12 +104,14 @@ end
 
 if ARGV[1] ~= '*' then
   local usage = {}
-  for i = 12, #ARGV do usage[#usage + 1] = ARGV[i] end
+  for i = 13, #ARGV do usage[#usage + 1] = ARGV[i] end
   return finish_one(
     {job = KEYS[1], stream = KEYS[2], events = KEYS[3], delayed = KEYS[4], log = KEYS[5],
-     ledger = KEYS[6], settle = KEYS[7], done = KEYS[8], finished = KEYS[9]},
+     ledger = KEYS[6], settle = KEYS[7], done = KEYS[8], finished = KEYS[9], user = KEYS[10],
+     dependents = KEYS[11]},
     {token = ARGV[1], outcome = ARGV[3], exit_code = ARGV[4], result = ARGV[5],
-     err = ARGV[6], reason = ARGV[7], retry_ms = tonumber(ARGV[10]), usage = usage},
+     err = ARGV[6], reason = ARGV[7], retry_ms = tonumber(ARGV[10]), owner = ARGV[12],
+     usage = usage},
     {group = ARGV[2], maxlen = ARGV[8], ttl = tonumber(ARGV[9]), worker = ARGV[11],
      now = now_ms()})
 end
@@ -106,16 +124,18 @@ local out = {}
 local ki, ai = 6, 6
 while ai <= #ARGV do
   local job, stream, log, done = KEYS[ki], KEYS[ki + 1], KEYS[ki + 2], KEYS[ki + 3]
-  ki = ki + 4
-  local n = tonumber(ARGV[ai + 7])
+  local user, dependents = KEYS[ki + 4], KEYS[ki + 5]
+  ki = ki + 6
+  local n = tonumber(ARGV[ai + 8])
   local usage = {}
-  for i = 1, 2 * n do usage[i] = ARGV[ai + 7 + i] end
+  for i = 1, 2 * n do usage[i] = ARGV[ai + 8 + i] end
   out[#out + 1] = finish_one(
     {job = job, stream = stream, events = events, delayed = delayed, log = log,
-     ledger = ledger, settle = settle_stream, done = done, finished = finished},
+     ledger = ledger, settle = settle_stream, done = done, finished = finished, user = user,
+     dependents = dependents},
     {token = ARGV[ai], outcome = ARGV[ai + 1], exit_code = ARGV[ai + 2],
      result = ARGV[ai + 3], err = ARGV[ai + 4], reason = ARGV[ai + 5],
-     retry_ms = tonumber(ARGV[ai + 6]), usage = usage}, c)
-  ai = ai + 8 + 2 * n
+     retry_ms = tonumber(ARGV[ai + 6]), owner = ARGV[ai + 7], usage = usage}, c)
+  ai = ai + 9 + 2 * n
 end
 return out

@@ -15,8 +15,8 @@
 -- ARGV[2] events MAXLEN
 -- ARGV[3] worker id
 -- ARGV[3 + i] dispatch entry id of the i-th job
--- Returns, per entry, {id, attempt, spec, lease ms} when started (lease ms < 0: no lease
--- left) or {id, 0, '', 0} when skipped.
+-- Returns, per entry, {id, attempt, spec, lease ms, owner} when started (lease ms < 0: no
+-- lease left) or {id, 0, '', 0, ''} when skipped.
 
 local stream, events, worker_hash = KEYS[1], KEYS[2], KEYS[3]
 local group, maxlen, worker = ARGV[1], ARGV[2], ARGV[3]
@@ -26,17 +26,18 @@ local out = {}
 
 for i = 1, #KEYS - 3 do
   local job, entry = KEYS[3 + i], ARGV[3 + i]
-  local h = redis.call('HMGET', job, 'state', 'dispatch_id', 'id', 'spec', 'attempt', 'seq')
+  local h = redis.call('HMGET', job, 'state', 'dispatch_id', 'id', 'spec', 'attempt', 'seq',
+                      'owner')
   if h[1] == 'dispatched' and h[2] == entry then
     local attempt, seq = (tonumber(h[5]) or 0) + 1, (tonumber(h[6]) or 0) + 1
     redis.call('HSET', job, 'state', 'running', 'worker', worker, 'started_at', now,
                'attempt', attempt, 'seq', seq)
     emit_seq(events, maxlen, seq, h[3], 'running', now, worker, {'attempt', attempt})
-    out[i] = {h[3], attempt, h[4], lease}
+    out[i] = {h[3], attempt, h[4], lease, h[7] or ''}
   else
     redis.call('XACK', stream, group, entry)
     redis.call('XDEL', stream, entry)
-    out[i] = {h[3] or '', 0, '', 0}
+    out[i] = {h[3] or '', 0, '', 0, ''}
   end
 end
 return out

@@ -98,7 +98,7 @@ class Harness:
         started = self.scripts.run(sc.start(self.keys, queue, entries, worker=worker_id,
                                             events_maxlen=MAXLEN))
         ids = []
-        for (token, _), (job_id, attempt, _spec, _lease) in zip(entries, started, strict=True):
+        for (token, _), (job_id, attempt, *_rest) in zip(entries, started, strict=True):
             if int(attempt) > 0:
                 self.running[job_id] = Running(job_id, queue, token, worker_id)
                 ids.append(job_id)

@@ -238,3 +238,44 @@ def test_worker_dispatch_sends_only_the_head_it_knows(r: redis.Redis, keys: Keys
     assert r.xlen(keys.dispatch("default")) == 4
     events = [f for _, f in r.xrange(keys.events()) if f.get("state") == "dispatched"]
     assert [f.get("by") for f in events] == ["s1", "s1", "w1", "w1"]
+
+
+def _running(r: redis.Redis, s: sc.Scripts, keys: Keys, job: str) -> tuple[str, str]:
+    """Dispatch and start `job` (admitted); returns (its token, the owner start.lua gave)."""
+    s.run(sc.dispatch(keys, "default", [job], capacity=sc.Capacity(10), events_maxlen=MAXLEN,
+                      by="s1"))
+    ensure_group(r, keys.dispatch("default"), GROUP_WORKERS)
+    [(_, items)] = r.xreadgroup(GROUP_WORKERS, "w1", {keys.dispatch("default"): ">"}, count=1)
+    entry = items[0][0]
+    [row] = s.run(sc.start(keys, "default", [(entry, job)], worker="w1", events_maxlen=MAXLEN))
+    return entry, row[4]
+
+
+def test_finish_settles_a_plain_job_itself_when_told_its_owner(
+    r: redis.Redis, keys: Keys,
+) -> None:
+    """With the owner named, a job without host or dependents is counted off its owner's
+    active jobs in finish.lua and never reaches the settle stream; a job with dependents or
+    a host, or a wrong owner, still goes there (the scheduler has follow-up to do)."""
+    s = sc.Scripts(r)
+    plain, with_dependent, with_host, wrong = (_submit(r, s, keys) for _ in range(4))
+    _admit_all(r, s, keys)
+    r.sadd(keys.dependents(with_dependent), "someone")
+    r.hset(keys.job(with_host), "host", "h1")
+    assert int(r.hget(keys.user("alice"), "active")) == 4
+    tokens = {job: _running(r, s, keys, job) for job in (plain, with_dependent, with_host, wrong)}
+    assert {owner for _, owner in tokens.values()} == {"alice"}
+
+    def finish(job: str, owner: str) -> sc.Call:
+        return sc.finish(keys, job, "default", tokens[job][0], sc.Outcome("completed", 0),
+                         worker="w1", retry_delay_ms=0, events_maxlen=MAXLEN, ttl_s=60,
+                         owner=owner)
+
+    assert s.run(finish(plain, "alice")) == "completed"
+    assert r.xlen(keys.settle()) == 0 and int(r.hget(keys.user("alice"), "active")) == 3
+    assert [f["job"] for _, f in r.xrange(keys.finished())] == [plain]
+    batch = sc.finish_batch([finish(with_dependent, "alice"), finish(with_host, "alice"),
+                             finish(wrong, "bob")])
+    assert s.run(batch) == ["completed"] * 3
+    assert [f["id"] for _, f in r.xrange(keys.settle())] == [with_dependent, with_host, wrong]
+    assert int(r.hget(keys.user("alice"), "active")) == 3  # settle.lua counts those off

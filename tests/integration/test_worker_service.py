@@ -526,7 +526,7 @@ def test_worker_process_exits_0_on_sigterm(
     assert all(x.get("service") == "worker" and x.get("worker_id") for x in lines)
 
 
-def test_worker_dispatches_for_its_free_slots_within_the_published_capacity(
+def test_worker_dispatches_for_its_free_slots_and_settles_what_it_finished(
     r: redis.Redis, keys: Keys, settings: Settings,
 ) -> None:
     """No scheduler dispatches here: the worker sends the queued jobs itself, in the round
@@ -541,3 +541,5 @@ def test_worker_dispatches_for_its_free_slots_within_the_published_capacity(
     by = {f["by"] for _, f in r.xrange(keys.events()) if f.get("state") == "dispatched"}
     assert len(by) == 1 and by != {"s1"}  # the worker's id
     assert r.xlen(keys.dispatch("default")) == 0
+    # and it settled them itself (no host, no dependents): nothing for a scheduler to do
+    assert r.xlen(keys.settle()) == 0 and int(r.hget(keys.user("alice"), "active")) == 0
