@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import structlog
@@ -54,23 +55,37 @@ class JobWatch:
         self.readers = {False: _Reader(self, ctx.keys.events(), False),
                         True: _Reader(self, ctx.keys.finished(), True)}
 
-    async def changed(self, job_id: str, seq: str | None, timeout: float, *,
-                      finished: bool = False) -> bool:
+    async def changed(self, job_id: str, seq: str | None, timeout: float) -> bool:
         """Wait until the job's `seq` may no longer be `seq`: True when an event of the job
         woke the wait (the caller reads the job again, and compares: the event may be one
         it saw already) or a look at `seq` found it moved; False when `timeout` seconds
-        passed or the server is stopping. With `finished`, only the job's end wakes the
-        wait early (a long-poll `until=finished` would otherwise read the job at each of
-        its transitions); the RECHECK_S look at `seq` still runs, so an answer may come at
-        a transition, and the caller checks the state itself."""
+        passed or the server is stopping."""
+        async def moved() -> bool:
+            return await self._field(job_id, "seq") != seq
+        return await self._wait(job_id, timeout, moved, finished=False)
+
+    async def ended(self, job_id: str, timeout: float) -> bool:
+        """Wait until the job ended: True when its entry in the finished stream woke the
+        wait or a look found it in a terminal state (or gone: expired, the mirror has it);
+        False when `timeout` seconds passed or the server is stopping. Only the end wakes
+        it, so a wait for the end costs one wake-up, not one per transition."""
+        async def over() -> bool:
+            state = await self._field(job_id, "state")
+            return state is None or state in TERMINAL_STATES
+        return await self._wait(job_id, timeout, over, finished=True)
+
+    async def _wait(self, job_id: str, timeout: float, done: Callable[[], Awaitable[bool]],
+                    *, finished: bool) -> bool:
+        """Register a waiter of the job with the reader of its kind, then look (`done`)
+        before each sleep, at least every RECHECK_S: the reader runs before the first
+        look, so no entry falls between the look and the sleep."""
         woken = asyncio.Event()
         self.waiters.setdefault(job_id, {})[woken] = finished
         self.wanted[finished] += 1
         deadline = monotonic() + timeout
         try:
-            # the reader first, so no event falls between the look at seq and the sleep
             await self.readers[finished].ensure()
-            while await self._seq(job_id) == seq:
+            while not await done():
                 left = deadline - monotonic()
                 if left <= 0 or self.ctx.stopping.is_set():
                     return False
@@ -85,9 +100,9 @@ class JobWatch:
             if not mine:
                 self.waiters.pop(job_id, None)
 
-    async def _seq(self, job_id: str) -> str | None:
-        seq: str | None = await self.ctx.redis.hget(self.ctx.keys.job(job_id), "seq")
-        return seq
+    async def _field(self, job_id: str, name: str) -> str | None:
+        value: str | None = await self.ctx.redis.hget(self.ctx.keys.job(job_id), name)
+        return value
 
     def wake(self, job_id: str, terminal: bool, finished_only: bool) -> None:
         """An entry of the job was read: wake its waiters of that reader's kind (the

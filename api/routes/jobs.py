@@ -344,7 +344,8 @@ async def submit_jobs(
     docs = await submit_documents(ctx, principal.user, subs)
     if wait:  # submit and wait in one request: the job is accepted whatever the wait says
         job_id = orjson.loads(docs[0])["id"]
-        return await _long_poll(request, ctx, principal, job_id, wait, 0, "finished", 202)
+        return await _long_poll(request, ctx, principal, job_id, wait, 0, "finished", 202,
+                                accepted=True)
     # the documents are JSON already: no response-model validation round
     body = b'{"jobs":[' + b",".join(docs) + b"]}" if batch else docs[0]
     return Response(body, status_code=202, media_type="application/json")
@@ -451,32 +452,55 @@ async def get_job(
 
 
 async def _long_poll(request: Request, ctx: AppState, principal: Principal, job_id: str,
-                     wait: float, polls: int, until: str, status_code: int = 200) -> Response:
+                     wait: float, polls: int, until: str, status_code: int = 200, *,
+                     accepted: bool = False) -> Response:
     """The job document, once it changed state (`until="finished"`: once it finished) or
-    after `wait` seconds (GET /jobs/{id}?wait=, POST /jobs?wait=)."""
+    after `wait` seconds (GET /jobs/{id}?wait=, POST /jobs?wait=). `accepted`: the caller
+    just accepted the job for this principal (POST), so it is not read before the wait."""
     key = ctx.keys.job(job_id)
-    # One HGETALL gives the document and its seq together (the seq is what the wait
-    # compares: every transition bumps it). While waiting until the job finished, a
-    # wake-up reads the hash once and builds the document only when the state is
-    # terminal, or when the wait ends.
+    if accepted and until == "finished" and wait:
+        # wait for the end, then read the job once: no read of what it was a moment ago
+        await job_watch(request.app.state, ctx).ended(job_id, wait)
+        h = await ctx.redis.hgetall(key)
+        job = job_from_hash(h) if h.get("state") else await visible_job(ctx, principal,
+                                                                        job_id, h)
+        return await _answer(ctx, job, polls, status_code)
+    # One HGETALL gives the document and its seq together (the seq is what a wait for a
+    # change compares: every transition bumps it).
     h = await ctx.redis.hgetall(key) if wait and _JOB_ID.match(job_id) else None
     job = await visible_job(ctx, principal, job_id, h)
     seq, state, newer = (h or {}).get("seq"), job.state, False
     deadline = monotonic() + wait
+    watch = job_watch(request.app.state, ctx)
     while seq is not None and not state.terminal:
         left = deadline - monotonic()
-        if left <= 0 or not await job_watch(request.app.state, ctx).changed(
-                job_id, seq, left, finished=until == "finished"):
+        if left <= 0:
+            break
+        if until == "finished":  # one wake-up, at the end (not one per transition)
+            ended = await watch.ended(job_id, left)
+            h = await ctx.redis.hgetall(key)  # the job as it is now, ended or not
+            if not h.get("state"):  # gone from Redis: the mirror has it
+                job, newer = await visible_job(ctx, principal, job_id, h), False
+                break
+            seq, state, newer = h.get("seq"), State(h["state"]), True
+            if not ended:
+                break
+            continue
+        if not await watch.changed(job_id, seq, left):
             break
         h = await ctx.redis.hgetall(key)
         if h.get("state") and h.get("seq") == seq:  # woken by an event it had seen: wait on
             continue
-        if until != "finished" or not h.get("state"):  # gone from Redis: the mirror has it
-            job, newer = await visible_job(ctx, principal, job_id, h), False
-            break
-        seq, state, newer = h.get("seq"), State(h["state"]), True
+        job, newer = await visible_job(ctx, principal, job_id, h), False
+        break
     if newer and h:
         job = job_from_hash(h)
+    return await _answer(ctx, job, polls, status_code)
+
+
+async def _answer(ctx: AppState, job: Job, polls: int, status_code: int) -> Response:
+    """A long-poll's answer: the document; an unfinished job's with its wait detail and
+    when to ask again."""
     # a Response of the model's own JSON: FastAPI would validate the Job again first
     if job.state.terminal:
         return Response(job.model_dump_json(), status_code, media_type="application/json")

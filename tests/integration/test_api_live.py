@@ -184,10 +184,14 @@ def test_bad_long_poll_parameters_are_422(client: TestClient, params: dict[str, 
 # -- submit and wait in one request ---------------------------------------------------------
 
 
-def test_submit_with_wait_answers_once_the_job_finished(client: TestClient, h: Harness) -> None:
+def test_submit_with_wait_answers_once_the_job_finished(client: TestClient, h: Harness,
+                                                        r: redis.Redis) -> None:
     """POST /jobs?wait=: the request holds through every transition and answers with the
-    terminal document (what the SDK's run uses: one request per job)."""
+    terminal document (what the SDK's run uses: one request per job), which it reads
+    once, at the end: the transitions before it wake nothing."""
     answer: dict[str, Any] = {}
+    stats = r.info("commandstats").get("cmdstat_hgetall")
+    hgetalls = int(stats["calls"]) if stats else 0
 
     def post() -> None:
         resp = client.post("/jobs", params={"wait": 30}, json={"command": ["true"]})
@@ -204,6 +208,7 @@ def test_submit_with_wait_answers_once_the_job_finished(client: TestClient, h: H
     assert answer["body"]["id"] == job_id
     assert (answer["body"]["state"], answer["body"]["exit_code"]) == ("failed", 3)
     assert "poll_after_ms" not in answer["body"]
+    assert int(r.info("commandstats")["cmdstat_hgetall"]["calls"]) == hgetalls + 1
 
 
 def test_submit_with_wait_gives_the_job_as_it_stands_when_the_wait_ends(
