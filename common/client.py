@@ -42,6 +42,7 @@ from common.errors import (
     TidalError,
     Unauthorized,
 )
+from common.http import LeanHTTP
 from common.models import (
     Health,
     HostInfo,
@@ -201,6 +202,8 @@ class Client:
         self._http = httpx.Client(
             base_url=self.url, headers=headers, timeout=timeout, transport=transport
         )
+        # the JSON calls go the lean way (common/http.py) unless a transport is given
+        self._lean = LeanHTTP(self.url, headers, timeout) if transport is None else None
         self._sleep = time.sleep
 
     @classmethod
@@ -213,6 +216,8 @@ class Client:
 
     def close(self) -> None:
         self._http.close()
+        if self._lean is not None:
+            self._lean.close()
 
     def __enter__(self) -> Self:
         return self
@@ -239,9 +244,24 @@ class Client:
             error.args = (error.message,)
         raise error
 
-    def _request(self, method: str, path: str, **kwargs: Any) -> Any:
+    def _send(self, method: str, path: str, *, params: dict[str, str] | None = None,
+              content: bytes | None = None, headers: dict[str, str] | None = None,
+              read_timeout: float | None = None) -> httpx.Response:
+        """One request with a body already encoded; raises httpx's TransportErrors.
+        `read_timeout`: how long the answer may take (a long-poll's wait + the timeout)."""
+        if self._lean is not None:
+            return self._lean.request(method, path, params=params, content=content,
+                                      headers=headers, read_timeout=read_timeout)
+        timeout = httpx.Timeout(self.timeout, read=read_timeout or self.timeout)
+        return self._http.request(method, path, params=params, content=content,
+                                  headers=headers, timeout=timeout)
+
+    def _request(self, method: str, path: str, *, params: dict[str, str] | None = None,
+                 json: Any = None) -> Any:
+        content = None if json is None else orjson.dumps(json)
         try:
-            response = self._http.request(method, path, **kwargs)
+            response = self._send(method, path, params=params, content=content,
+                                  headers=_JSON_BODY if content is not None else None)
         except httpx.TransportError as exc:
             raise self._unreachable(exc) from exc
         response = self._check(response)
@@ -296,17 +316,16 @@ class Client:
             content = orjson.dumps(payload)
         except TypeError as exc:
             raise InvalidSubmission(f"not valid JSON: {exc}") from exc
-        headers = _JSON_BODY
         params: dict[str, str] = {}
-        timeout: httpx.Timeout | float = self.timeout
+        read_timeout = None
         if wait:
             params["wait"] = f"{wait:.3f}"
-            timeout = httpx.Timeout(self.timeout, read=wait + self.timeout)
+            read_timeout = wait + self.timeout
         attempts = self.submit_attempts if retry else 1
         for attempt in range(1, attempts + 1):
             try:
-                response = self._http.post("/jobs", content=content, headers=headers,
-                                           params=params, timeout=timeout)
+                response = self._send("POST", "/jobs", params=params, content=content,
+                                      headers=_JSON_BODY, read_timeout=read_timeout)
             except httpx.TransportError as exc:
                 if attempt == attempts:
                     error = self._unreachable(exc)
@@ -357,14 +376,15 @@ class Client:
         params: dict[str, str] = {}
         if until:
             params["until"] = until
-        timeout: httpx.Timeout | float = self.timeout
+        read_timeout = None
         if wait:
             params["wait"] = f"{wait:.3f}"
-            timeout = httpx.Timeout(self.timeout, read=wait + self.timeout)
+            read_timeout = wait + self.timeout
         if polls:
             params["polls"] = str(polls)
         try:
-            response = self._http.get(_job_path(job_id), params=params, timeout=timeout)
+            response = self._send("GET", _job_path(job_id), params=params,
+                                  read_timeout=read_timeout)
         except httpx.TransportError as exc:
             raise self._unreachable(exc) from exc
         return Job.model_validate_json(self._check(response).content)
@@ -554,7 +574,7 @@ class Client:
     def metrics(self) -> str:
         """The Prometheus text of GET /metrics."""
         try:
-            response = self._http.get("/metrics", headers={"Accept": "text/plain"})
+            response = self._send("GET", "/metrics", headers={"Accept": "text/plain"})
         except httpx.TransportError as exc:
             raise self._unreachable(exc) from exc
         return self._check(response).text

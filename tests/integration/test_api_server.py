@@ -17,6 +17,9 @@ import pytest
 import redis
 
 from api.main import SHUTDOWN_GRACE_S
+from common.client import Client
+from common.errors import JobNotFound, TidalError
+from common.jobs import new_job_id
 from common.keys import Keys
 from common.settings import Settings
 from common.valkey import free_port
@@ -26,11 +29,8 @@ ADMIN = {"Authorization": "Bearer admintoken"}
 RUN = "from api.main import run; from common.settings import Settings; run(Settings())"
 
 
-@pytest.fixture
-def server(
-    settings: Settings, r: redis.Redis, tmp_path: Path
-) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    port = free_port()
+def spawn_api(settings: Settings, port: int, log_path: Path) -> subprocess.Popen[bytes]:
+    """`api.main.run` in a process of its own on `port`, logging to `log_path` (appended)."""
     env = {
         **os.environ,
         "TIDAL_REDIS_URL": settings.redis_url,
@@ -40,25 +40,36 @@ def server(
         "TIDAL_API_PORT": str(port),
         "TIDAL_LOG_FORMAT": "json",
     }
-    log = (tmp_path / "api.log").open("wb")
-    proc = subprocess.Popen([sys.executable, "-c", RUN], env=env, stdout=log, stderr=log)
-    url = f"http://127.0.0.1:{port}"
+    with log_path.open("ab") as log:
+        return subprocess.Popen([sys.executable, "-c", RUN], env=env, stdout=log, stderr=log)
 
+
+def wait_healthy(url: str, proc: subprocess.Popen[bytes], log_path: Path) -> None:
     def healthy() -> bool:
-        assert proc.poll() is None, (tmp_path / "api.log").read_text()
+        assert proc.poll() is None, log_path.read_text()
         try:
             return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
         except httpx.TransportError:
             return False
 
+    wait_for(healthy, timeout=20, what="the API to answer /healthz")
+
+
+@pytest.fixture
+def server(
+    settings: Settings, r: redis.Redis, tmp_path: Path
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    port = free_port()
+    log_path = tmp_path / "api.log"
+    proc = spawn_api(settings, port, log_path)
+    url = f"http://127.0.0.1:{port}"
     try:
-        wait_for(healthy, timeout=20, what="the API to answer /healthz")
+        wait_healthy(url, proc, log_path)
         yield url, proc
     finally:
         if proc.poll() is None:
             proc.kill()
         proc.wait()
-        log.close()
 
 
 def test_serves_follows_and_stops_on_sigterm(
@@ -103,3 +114,34 @@ def test_docs_page_and_its_assets_are_served_without_a_cdn(
         got = httpx.get(f"{url}{asset}", timeout=10)
         assert got.status_code == 200 and len(got.content) > 10_000
     assert httpx.get(f"{url}/openapi.json", timeout=10).json()["info"]["title"] == "Tidal"
+
+
+def test_the_sdk_over_a_real_socket_keeps_working_across_an_api_restart(
+    server: tuple[str, subprocess.Popen[bytes]], settings: Settings, tmp_path: Path,
+    r: redis.Redis, keys: Keys,
+) -> None:
+    """The SDK's JSON calls go over one keep-alive connection (common/http.py): errors map
+    as over httpx, a connection the server closed is replaced before it is used (no error,
+    nothing sent twice), and a server that is gone is reported as unreachable."""
+    url, proc = server
+    with Client(url, "admintoken", timeout=10) as client:
+        job = client.submit({"command": ["true"]})
+        assert client.get(job.id).state == "pending"
+        assert client.health().status
+        with pytest.raises(JobNotFound):
+            client.get(new_job_id())
+        proc.send_signal(signal.SIGTERM)  # closes the client's idle connection
+        proc.wait(timeout=SHUTDOWN_GRACE_S + 5)
+        log_path = tmp_path / "api-again.log"
+        again = spawn_api(settings, int(url.rsplit(":", 1)[1]), log_path)
+        try:
+            wait_healthy(url, again, log_path)
+            second = client.submit({"command": ["true"]})
+            assert second.id != job.id
+            submitted = [f["id"] for _, f in r.xrange(keys.submissions())]
+            assert submitted == [job.id, second.id]  # each sent once
+        finally:
+            again.send_signal(signal.SIGTERM)
+            again.wait(timeout=SHUTDOWN_GRACE_S + 5)
+        with pytest.raises(TidalError, match="cannot reach the Tidal API"):
+            client.get(job.id)
