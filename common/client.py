@@ -202,8 +202,10 @@ class Client:
         self._http = httpx.Client(
             base_url=self.url, headers=headers, timeout=timeout, transport=transport
         )
-        # the JSON calls go the lean way (common/http.py) unless a transport is given
-        self._lean = LeanHTTP(self.url, headers, timeout) if transport is None else None
+        # the JSON calls go the lean way (common/http.py) unless a transport is given (or
+        # the URL is not http(s): httpx then says what is wrong with it, at the first call)
+        lean = transport is None and LeanHTTP.serves(self.url)
+        self._lean = LeanHTTP(self.url, headers, timeout) if lean else None
         self._sleep = time.sleep
 
     @classmethod

@@ -31,11 +31,11 @@ class LeanHTTP:
     """Requests to one base URL (http or https) on per-thread keep-alive connections."""
 
     def __init__(self, base_url: str, headers: dict[str, str], timeout: float) -> None:
-        parts = urlsplit(base_url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
+        if not self.serves(base_url):
             raise ValueError(f"not an http(s) URL: {base_url!r}")
+        parts = urlsplit(base_url)
         self.https = parts.scheme == "https"
-        self.host = parts.hostname
+        self.host = parts.hostname or ""
         self.port = parts.port or (443 if self.https else 80)
         self.prefix = parts.path.rstrip("/")
         self.headers = dict(headers)
@@ -43,6 +43,11 @@ class LeanHTTP:
         self._local = threading.local()
         self._all: list[http.client.HTTPConnection] = []
         self._lock = threading.Lock()
+
+    @staticmethod
+    def serves(base_url: str) -> bool:
+        parts = urlsplit(base_url)
+        return parts.scheme in ("http", "https") and bool(parts.hostname)
 
     def close(self) -> None:
         with self._lock:

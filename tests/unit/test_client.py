@@ -454,3 +454,9 @@ def test_from_config_uses_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) ->
     monkeypatch.setenv("TIDAL_TOKEN", "envtok")
     with Client.from_config() as client:
         assert (client.url, client.token) == ("http://env.test:1234", "envtok")
+
+
+def test_a_url_without_http_is_an_error_at_the_first_call_not_a_crash() -> None:
+    with Client("localhost:8000", "tok") as client, pytest.raises(TidalError,
+                                                                  match="localhost:8000"):
+        client.get("J1")
