@@ -57,11 +57,12 @@ class LeanHTTP:
 
     def request(self, method: str, path: str, *, params: dict[str, str] | None = None,
                 content: bytes | None = None, headers: dict[str, str] | None = None,
-                connect_timeout: float | None = None, read_timeout: float | None = None,
-                ) -> httpx.Response:
+                read_timeout: float | None = None) -> httpx.Response:
+        """One request; `read_timeout`: how long the answer may take (default: the
+        timeout, which also bounds connecting)."""
         url = self.prefix + path + ("?" + urlencode(params) if params else "")
         sent = {**self.headers, **(headers or {})}
-        conn = self._connection(connect_timeout or self.timeout)
+        conn = self._connection()
         sending = True
         try:
             # the body goes in the same write as the headers (http.client joins them)
@@ -86,14 +87,14 @@ class LeanHTTP:
             response.request = httpx.Request(method, f"{scheme}://{self.host}:{self.port}{url}")
         return response
 
-    def _connection(self, connect_timeout: float) -> http.client.HTTPConnection:
+    def _connection(self) -> http.client.HTTPConnection:
         conn: http.client.HTTPConnection | None = getattr(self._local, "conn", None)
         if conn is not None and conn.sock is not None and _closed_by_peer(conn.sock):
             self._drop(conn)
             conn = None
         if conn is None:
             cls = http.client.HTTPSConnection if self.https else http.client.HTTPConnection
-            conn = cls(self.host, self.port, timeout=connect_timeout)
+            conn = cls(self.host, self.port, timeout=self.timeout)
             self._local.conn = conn
             with self._lock:
                 self._all.append(conn)

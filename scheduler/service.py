@@ -2,8 +2,11 @@
 
 Each pass reads new submissions and new settle entries in one XREADGROUP (the same group
 on both streams). When the last pass found nothing it blocks there, so the loop wakes as
-soon as a job is submitted or one ends (finish.lua appends to the settle stream), and a
-freed slot is refilled at once instead of on the server's next tick. A pass that read
+soon as a job is submitted or one ends that needs its follow-up (a host, dependents; or
+any job when workers do not dispatch for themselves: finish.lua then appends every end to
+the settle stream), and a freed slot is refilled at once instead of on the server's next
+tick. With worker dispatch on (the default) a worker refills its own freed slots and
+settles its plain jobs itself, so a drain wakes this loop only for submissions. A pass that read
 something reads the next batch ahead, without blocking, in its last round trip; one that
 queued jobs some other way (a host granted, dependents enqueued, a periodic duty) is
 followed by one that does not block. The pass admits, settles and reads every queue's

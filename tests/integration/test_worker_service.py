@@ -535,11 +535,11 @@ def test_worker_dispatches_for_its_free_slots_and_settles_what_it_finished(
         "slots": 2, "cpu": 8, "memory_mb": 8192, "gpu": 0, "max_cpu": 8,
         "max_memory_mb": 8192, "max_gpu": 0})
     jobs = [enqueue(r, keys, dispatch=False, command="true") for _ in range(5)]
-    with serving(settings.model_copy(update={"concurrency": 2})):
+    with serving(settings.model_copy(update={"concurrency": 2})) as worker:
         wait_for(lambda: all(r.hget(keys.job(j), "state") == "completed" for j in jobs),
                  timeout=15)
     by = {f["by"] for _, f in r.xrange(keys.events()) if f.get("state") == "dispatched"}
-    assert len(by) == 1 and by != {"s1"}  # the worker's id
+    assert by == {worker.id}
     assert r.xlen(keys.dispatch("default")) == 0
     # and it settled them itself (no host, no dependents): nothing for a scheduler to do
     assert r.xlen(keys.settle()) == 0 and int(r.hget(keys.user("alice"), "active")) == 0
