@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import orjson
 import structlog
 from redis.exceptions import RedisError
 from starlette.datastructures import State
@@ -40,6 +41,18 @@ def xread_entries(reply: Any) -> list[Entry]:
     return [(str(eid), fields) for items in streams for eid, fields in (items or [])]
 
 
+class Waiter:
+    """One request waiting on a job: woken by a reader; `doc` is the job hash that the
+    finished entry carried, if it carried one (a job submitted with POST /jobs?wait=)."""
+
+    __slots__ = ("doc", "finished_only", "woken")
+
+    def __init__(self, finished_only: bool) -> None:
+        self.woken = asyncio.Event()
+        self.finished_only = finished_only
+        self.doc: dict[str, str] | None = None
+
+
 class JobWatch:
     """The waiters of this API process, and up to two readers that wake them: one of the
     events stream (every transition) for waits that answer at any change, one of the
@@ -49,8 +62,7 @@ class JobWatch:
 
     def __init__(self, ctx: AppState) -> None:
         self.ctx = ctx
-        # job id → its waiters: each an event, and whether only a terminal state wakes it
-        self.waiters: dict[str, dict[asyncio.Event, bool]] = {}
+        self.waiters: dict[str, set[Waiter]] = {}  # job id → its waiters
         self.wanted = {False: 0, True: 0}  # waiters by finished-only
         self.readers = {False: _Reader(self, ctx.keys.events(), False),
                         True: _Reader(self, ctx.keys.finished(), True)}
@@ -62,58 +74,90 @@ class JobWatch:
         passed or the server is stopping."""
         async def moved() -> bool:
             return await self._field(job_id, "seq") != seq
-        return await self._wait(job_id, timeout, moved, finished=False)
+        async with self.registered(job_id, finished=False) as waiter:
+            return await self._wait(waiter, timeout, moved)
 
     async def ended(self, job_id: str, timeout: float) -> bool:
         """Wait until the job ended: True when its entry in the finished stream woke the
         wait or a look found it in a terminal state (or gone: expired, the mirror has it);
         False when `timeout` seconds passed or the server is stopping. Only the end wakes
         it, so a wait for the end costs one wake-up, not one per transition."""
+        async with self.registered(job_id, finished=True) as waiter:
+            return await self.ended_after(waiter, job_id, timeout, look=True)
+
+    async def ended_after(self, waiter: Waiter, job_id: str, timeout: float, *,
+                          look: bool = False) -> bool:
+        """`ended` for a waiter registered (`registered`) before the job was submitted:
+        its end cannot come before the reader's position, so the first look is skipped
+        (`look=False`): one read of the job less. `waiter.doc` then holds the job hash
+        if the finished entry carried it."""
         async def over() -> bool:
             state = await self._field(job_id, "state")
             return state is None or state in TERMINAL_STATES
-        return await self._wait(job_id, timeout, over, finished=True)
+        return await self._wait(waiter, timeout, over, look=look)
 
-    async def _wait(self, job_id: str, timeout: float, done: Callable[[], Awaitable[bool]],
-                    *, finished: bool) -> bool:
-        """Register a waiter of the job with the reader of its kind, then look (`done`)
-        before each sleep, at least every RECHECK_S: the reader runs before the first
-        look, so no entry falls between the look and the sleep."""
-        woken = asyncio.Event()
-        self.waiters.setdefault(job_id, {})[woken] = finished
+    @contextlib.asynccontextmanager
+    async def registered(self, job_id: str, *, finished: bool) -> AsyncIterator[Waiter]:
+        """A waiter of the job, registered with the reader of its kind, which runs from
+        here on (so every entry after this point reaches the waiter)."""
+        waiter = Waiter(finished)
+        self.waiters.setdefault(job_id, set()).add(waiter)
         self.wanted[finished] += 1
-        deadline = monotonic() + timeout
         try:
             await self.readers[finished].ensure()
-            while not await done():
-                left = deadline - monotonic()
-                if left <= 0 or self.ctx.stopping.is_set():
-                    return False
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(woken.wait(), min(left, RECHECK_S))
-                    return True
-            return True
+            yield waiter
         finally:
             self.wanted[finished] -= 1
-            mine = self.waiters.get(job_id, {})
-            mine.pop(woken, None)
+            mine = self.waiters.get(job_id, set())
+            mine.discard(waiter)
             if not mine:
                 self.waiters.pop(job_id, None)
+
+    async def _wait(self, waiter: Waiter, timeout: float, done: Callable[[], Awaitable[bool]],
+                    *, look: bool = True) -> bool:
+        """Look (`done`) before each sleep, at least every RECHECK_S (`look=False`: not
+        before the first): the waiter is registered and the reader runs before the first
+        look, so no entry falls between the look and the sleep."""
+        deadline = monotonic() + timeout
+        while not (look and await done()):
+            look = True
+            left = deadline - monotonic()
+            if left <= 0 or self.ctx.stopping.is_set():
+                return False
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(waiter.woken.wait(), min(left, RECHECK_S))
+                return True
+        return True
 
     async def _field(self, job_id: str, name: str) -> str | None:
         value: str | None = await self.ctx.redis.hget(self.ctx.keys.job(job_id), name)
         return value
 
-    def wake(self, job_id: str, terminal: bool, finished_only: bool) -> None:
+    def wake(self, job_id: str, terminal: bool, finished_only: bool,
+             doc: str | None = None) -> None:
         """An entry of the job was read: wake its waiters of that reader's kind (the
-        finished reader wakes every waiter of the job: it ended)."""
-        for waiter, final_only in self.waiters.get(job_id, {}).items():
-            if final_only == finished_only or terminal:
-                waiter.set()
+        finished reader wakes every waiter of the job: it ended). `doc`: the job hash
+        the finished entry carried (finish.lua), as a JSON [field, value, ...] list."""
+        carried = _hash(doc) if doc and finished_only else None
+        for waiter in self.waiters.get(job_id, ()):
+            if waiter.finished_only == finished_only or terminal:
+                waiter.doc = carried
+                waiter.woken.set()
 
     async def close(self) -> None:
         for reader in self.readers.values():
             await reader.close()
+
+
+def _hash(doc: str) -> dict[str, str] | None:
+    """The job hash from a finished entry's `doc` (None if it does not parse: the
+    request reads the job itself)."""
+    try:
+        flat = orjson.loads(doc)
+        return dict(zip(flat[::2], flat[1::2], strict=True))
+    except (orjson.JSONDecodeError, TypeError, ValueError):
+        log.warning("job_watch_bad_doc", size=len(doc))
+        return None
 
 
 class _Reader:
@@ -155,7 +199,7 @@ class _Reader:
                 job_id = fields.get("job", "")
                 if job_id in watch.waiters:
                     watch.wake(job_id, fields.get("state") in TERMINAL_STATES,
-                               self.finished_only)
+                               self.finished_only, fields.get("doc"))
 
     async def close(self) -> None:
         if self.task is not None and not self.task.done():

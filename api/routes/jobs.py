@@ -266,16 +266,22 @@ MAX_WAIT_S = 60  # the longest long-poll (GET /jobs/{id}?wait=, POST /jobs?wait=
 OVERLAP_JOBS = 50
 
 
-async def submit_documents(ctx: AppState, owner: str, subs: list[JobSubmission]
+async def submit_documents(ctx: AppState, owner: str, subs: list[JobSubmission],
+                           ids: list[str] | None = None, *, waited: bool = False
                            ) -> list[bytes]:
     """Write the jobs (one submit.lua call per SUBMIT_CALL_JOBS of them) and answer their
     documents (JSON) in request order, once Redis has replied. For a batch, the
-    documents are built while Redis runs the first call, on the other core."""
+    documents are built while Redis runs the first call, on the other core. `ids`: the
+    jobs' ids, made beforehand; `waited`: the request waits for their end (the hash field
+    `waited`: finish.lua sends the document along with the end, see api/watch.py)."""
     n = len(subs)
-    ids = job_ids.take(n)
+    ids = ids or job_ids.take(n)
     specs = submission_specs(subs)
     # no default stale_after here: submit.lua adds it to the jobs that give none
     fields = [submission_fields(sub, None, spec) for sub, spec in zip(subs, specs, strict=True)]
+    if waited:
+        for f in fields:
+            f["waited"] = 1
     parts = [(start, min(start + SUBMIT_CALL_JOBS, n)) for start in range(0, n, SUBMIT_CALL_JOBS)]
     first: Awaitable[Any] = ctx.scripts.run(_submit_call(ctx, owner, ids, subs, fields, *parts[0]))
     spec_json = [str(f["spec"]) for f in fields]
@@ -341,11 +347,9 @@ async def submit_jobs(
         raise InvalidSubmission(f"wait: {msg}", [{"loc": ["query", "wait"], "msg": msg,
                                                   "type": "value_error"}])
     await check_submissions(ctx, principal, subs, batch)
-    docs = await submit_documents(ctx, principal.user, subs)
     if wait:  # submit and wait in one request: the job is accepted whatever the wait says
-        job_id = orjson.loads(docs[0])["id"]
-        return await _long_poll(request, ctx, principal, job_id, wait, 0, "finished", 202,
-                                accepted=True)
+        return await _submit_and_wait(request, ctx, principal, subs[0], wait)
+    docs = await submit_documents(ctx, principal.user, subs)
     # the documents are JSON already: no response-model validation round
     body = b'{"jobs":[' + b",".join(docs) + b"]}" if batch else docs[0]
     return Response(body, status_code=202, media_type="application/json")
@@ -451,20 +455,33 @@ async def get_job(
     return await _long_poll(request, ctx, principal, job_id, wait, polls, until)
 
 
+async def _submit_and_wait(request: Request, ctx: AppState, principal: Principal,
+                           sub: JobSubmission, wait: float) -> Response:
+    """POST /jobs?wait=: accept the job, then answer its document once it ended or after
+    `wait` seconds. The wait is registered before the job is written, so its end cannot
+    slip by unseen, and the job is not read before the wait; the job is marked as waited
+    for, so its end brings its document along (finish.lua): the request reads nothing
+    more. An idempotency key that names an earlier job waits for that one, as a GET
+    would."""
+    job_id = job_ids.take(1)[0]
+    watch = job_watch(request.app.state, ctx)
+    async with watch.registered(job_id, finished=True) as waiter:
+        doc = (await submit_documents(ctx, principal.user, [sub], [job_id], waited=True))[0]
+        if doc.startswith(b'{"id":"' + job_id.encode()):
+            await watch.ended_after(waiter, job_id, wait)
+            h = waiter.doc or await ctx.redis.hgetall(ctx.keys.job(job_id))
+            job = job_from_hash(h) if h.get("state") else await visible_job(
+                ctx, principal, job_id, h)
+            return await _answer(ctx, job, 0, 202)
+    return await _long_poll(request, ctx, principal, orjson.loads(doc)["id"], wait, 0,
+                            "finished", 202)
+
+
 async def _long_poll(request: Request, ctx: AppState, principal: Principal, job_id: str,
-                     wait: float, polls: int, until: str, status_code: int = 200, *,
-                     accepted: bool = False) -> Response:
+                     wait: float, polls: int, until: str, status_code: int = 200) -> Response:
     """The job document, once it changed state (`until="finished"`: once it finished) or
-    after `wait` seconds (GET /jobs/{id}?wait=, POST /jobs?wait=). `accepted`: the caller
-    just accepted the job for this principal (POST), so it is not read before the wait."""
+    after `wait` seconds (GET /jobs/{id}?wait=, POST /jobs?wait= for an earlier job)."""
     key = ctx.keys.job(job_id)
-    if accepted and until == "finished" and wait:
-        # wait for the end, then read the job once: no read of what it was a moment ago
-        await job_watch(request.app.state, ctx).ended(job_id, wait)
-        h = await ctx.redis.hgetall(key)
-        job = job_from_hash(h) if h.get("state") else await visible_job(ctx, principal,
-                                                                        job_id, h)
-        return await _answer(ctx, job, polls, status_code)
     # One HGETALL gives the document and its seq together (the seq is what a wait for a
     # change compares: every transition bumps it).
     h = await ctx.redis.hgetall(key) if wait and _JOB_ID.match(job_id) else None

@@ -105,13 +105,21 @@ end
 -- the global finished stream {tidal}:finished, which the API's long-polls that wait only
 -- for a job's end (until=finished, POST /jobs?wait=) read, so they wake once per job, not
 -- at each of its transitions. done, finished: keys from KEYS (either nil: that one skipped).
-local function mark_done(done, finished, id, state)
+-- doc: the job hash as JSON (a flat [field, value, ...] list) for the entry to carry to
+-- the request that waits for it (finish.lua: a job submitted with POST /jobs?wait=), so
+-- that request need not read the job again; nil: the entry names the job only.
+local function mark_done(done, finished, id, state, doc)
   if done then
     redis.call('XADD', done, 'MAXLEN', 1, '*', 'state', state)
     redis.call('EXPIRE', done, 60)
   end
   if finished then
-    redis.call('XADD', finished, 'MAXLEN', '~', 10000, '*', 'job', id, 'state', state)
+    if doc then
+      redis.call('XADD', finished, 'MAXLEN', '~', 10000, '*', 'job', id, 'state', state,
+                 'doc', doc)
+    else
+      redis.call('XADD', finished, 'MAXLEN', '~', 10000, '*', 'job', id, 'state', state)
+    end
   end
 end
 

@@ -46,6 +46,12 @@
 -- owner, n = number of usage field/value pairs, then those 2n values.
 -- Returns one answer per job, as above, in order.
 
+-- A job submitted by a request that waits for its end (POST /jobs?wait=: the hash field
+-- `waited` is 1) has its document, as HGETALL gives it, carried by its finished-stream
+-- entry to that request (api/watch.py), unless it is over DOC_MAX bytes: the finished
+-- stream keeps 10,000 entries.
+local DOC_MAX = 16384
+
 -- k = {job, stream, events, delayed, log, ledger, settle, done, finished, user, dependents};
 -- a = {token, outcome, exit_code, result, err, reason, retry_ms, owner,
 --      usage (flat field/value list)};
@@ -54,7 +60,7 @@ local function finish_one(k, a, c)
   local job = k.job
   local h = redis.call('HMGET', job, 'state', 'dispatch_id', 'id', 'attempt', 'retries',
                        'cancel', 'lost', 'retry_base', 'handed_back', 'seq', 'res_held',
-                       'owner', 'host')
+                       'owner', 'host', 'waited')
   if not h[1] then return -3 end
   if h[2] ~= a.token then return -1 end
   if h[1] ~= 'running' then return -2 end
@@ -98,7 +104,12 @@ local function finish_one(k, a, c)
   end
   redis.call('EXPIRE', job, c.ttl)
   redis.call('EXPIRE', k.log, c.ttl)
-  mark_done(k.done, k.finished, id, outcome)
+  local doc = nil
+  if h[14] == '1' then  -- a request waits for this end: the entry carries the document
+    doc = cjson.encode(redis.call('HGETALL', job))
+    if #doc > DOC_MAX then doc = nil end  -- the request reads it itself
+  end
+  mark_done(k.done, k.finished, id, outcome, doc)
   return outcome
 end
 

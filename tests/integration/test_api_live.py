@@ -184,17 +184,28 @@ def test_bad_long_poll_parameters_are_422(client: TestClient, params: dict[str, 
 # -- submit and wait in one request ---------------------------------------------------------
 
 
-def test_submit_with_wait_answers_once_the_job_finished(client: TestClient, h: Harness,
-                                                        r: redis.Redis) -> None:
-    """POST /jobs?wait=: the request holds through every transition and answers with the
-    terminal document (what the SDK's run uses: one request per job), which it reads
-    once, at the end: the transitions before it wake nothing."""
+def count_job_reads(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The job reads (HGET, HGETALL) the API's own Redis client makes from here on."""
+    api_redis = client.app.state.tidal.redis  # type: ignore[attr-defined]
+    reads: list[str] = []
+    for name in ("hget", "hgetall"):
+        real = getattr(api_redis, name)
+
+        def counted(*args: Any, _real: Any = real, _name: str = name) -> Any:
+            reads.append(f"{_name} {args[0]}")
+            return _real(*args)
+        monkeypatch.setattr(api_redis, name, counted)
+    return reads
+
+
+def post_and_wait(client: TestClient, spec: dict[str, Any]
+                  ) -> tuple[threading.Thread, dict[str, Any], Any, str]:
+    """POST /jobs?wait=30 in a thread; (the thread, its answer, the watch, the job id)
+    once the request waits on its job."""
     answer: dict[str, Any] = {}
-    stats = r.info("commandstats").get("cmdstat_hgetall")
-    hgetalls = int(stats["calls"]) if stats else 0
 
     def post() -> None:
-        resp = client.post("/jobs", params={"wait": 30}, json={"command": ["true"]})
+        resp = client.post("/jobs", params={"wait": 30}, json=spec)
         answer.update(status=resp.status_code, body=resp.json())
 
     poster = threading.Thread(target=post)
@@ -203,12 +214,59 @@ def test_submit_with_wait_answers_once_the_job_finished(client: TestClient, h: H
                      what="the request to start watching")
     job_id = wait_for(lambda: next(iter(watch.waiters), None),
                       what="the request to wait on its job")
+    return poster, answer, watch, job_id
+
+
+def test_submit_with_wait_answers_once_the_job_finished(
+    client: TestClient, h: Harness, r: redis.Redis, keys: Keys,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """POST /jobs?wait=: the request holds through every transition and answers with the
+    terminal document (what the SDK's run uses: one request per job). It reads the job
+    not once: it waits from before the job is written, and the job's entry in the
+    finished stream brings the terminal document along (finish.lua)."""
+    reads = count_job_reads(client, monkeypatch)
+    poster, answer, watch, job_id = post_and_wait(client, {"command": ["true"]})
     run_and_fail_while_held(h, watch, job_id, poster)
     assert answer["status"] == 202
     assert answer["body"]["id"] == job_id
     assert (answer["body"]["state"], answer["body"]["exit_code"]) == ("failed", 3)
     assert "poll_after_ms" not in answer["body"]
-    assert int(r.info("commandstats")["cmdstat_hgetall"]["calls"]) == hgetalls + 1
+    assert reads == []
+    entry = r.xrevrange(keys.finished(), count=1)[0][1]
+    assert entry["job"] == job_id and "doc" in entry
+    monkeypatch.undo()
+    assert client.get(f"/jobs/{job_id}").json() == answer["body"]
+
+
+def test_submit_with_wait_reads_a_large_job_itself(
+    client: TestClient, h: Harness, r: redis.Redis, keys: Keys,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A document over finish.lua's DOC_MAX does not ride in the finished stream (it keeps
+    10,000 entries): the request reads the job once it ended."""
+    reads = count_job_reads(client, monkeypatch)
+    big = {"command": ["true"], "env": {"BIG": "x" * 20_000}}
+    poster, answer, watch, job_id = post_and_wait(client, big)
+    run_and_fail_while_held(h, watch, job_id, poster)
+    assert (answer["body"]["state"], answer["body"]["env"]) == ("failed", big["env"])
+    assert "doc" not in r.xrevrange(keys.finished(), count=1)[0][1]
+    assert reads == [f"hgetall {keys.job(job_id)}"]
+
+
+def test_submit_with_wait_of_an_idempotent_resubmission_waits_for_the_first_job(
+    client: TestClient, h: Harness
+) -> None:
+    """An idempotency key that names an earlier, finished job: the request answers that
+    job's document at once (it looks first: its end is past)."""
+    spec = {"command": ["true"], "idempotency_key": "once"}
+    first = submit(client, idempotency_key="once")
+    h.worker("w1", slots=1)
+    assert run(h, "w1") == [first]
+    h.finish(first)
+    resp = client.post("/jobs", params={"wait": 30}, json=spec)
+    assert resp.status_code == 202
+    assert (resp.json()["id"], resp.json()["state"]) == (first, "completed")
 
 
 def test_submit_with_wait_gives_the_job_as_it_stands_when_the_wait_ends(
