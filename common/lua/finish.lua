@@ -50,7 +50,7 @@
 -- `waited` is 1) has its document, as HGETALL gives it, carried by its finished-stream
 -- entry to that request (api/watch.py), unless it is over DOC_MAX bytes: the finished
 -- stream keeps 10,000 entries.
-local DOC_MAX = 16384
+local DOC_MAX = 4096
 
 -- k = {job, stream, events, delayed, log, ledger, settle, done, finished, user, dependents};
 -- a = {token, outcome, exit_code, result, err, reason, retry_ms, owner,
