@@ -125,7 +125,8 @@ class JobWatch:
             if left <= 0 or self.ctx.stopping.is_set():
                 return False
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(waiter.woken.wait(), min(left, RECHECK_S))
+                async with asyncio.timeout(min(left, RECHECK_S)):  # no task of its own
+                    await waiter.woken.wait()
                 return True
         return True
 
