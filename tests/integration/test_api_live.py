@@ -222,9 +222,9 @@ def test_submit_with_wait_answers_once_the_job_finished(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """POST /jobs?wait=: the request holds through every transition and answers with the
-    terminal document (what the SDK's run uses: one request per job). It reads the job
-    not once: it waits from before the job is written, and the job's entry in the
-    finished stream brings the terminal document along (finish.lua)."""
+    terminal document (what the SDK's run uses: one request per job). It never reads the
+    job: it waits from before the job is written, and the job's entry in the finished
+    stream brings the terminal document along (finish.lua)."""
     reads = count_job_reads(client, monkeypatch)
     poster, answer, watch, job_id = post_and_wait(client, {"command": ["true"]})
     run_and_fail_while_held(h, watch, job_id, poster)
