@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import click
 import orjson
@@ -626,6 +626,10 @@ def up(
                                              help="Jobs at once per worker.")] = 4,
     allow_module: AllowModuleOpt = None,
     redis_url: RedisUrlOpt = None,
+    fsync: Annotated[Literal["always", "everysec"], typer.Option(
+        "--fsync", help="The started Redis' appendfsync: always (nothing acknowledged is "
+        "lost) or everysec (faster; a Redis crash while its disk is busy can lose the last "
+        "~2 s). See docs/reliability.md.")] = "always",
 ) -> None:
     """Run a whole local cluster: Redis, the API, a scheduler and workers.
 
@@ -638,7 +642,7 @@ def up(
     run_up(UpOptions(
         host=host, port=port, data_dir=data_dir or Settings().data_dir, workers=workers,
         concurrency=concurrency, allow_modules=allow_module or [],
-        redis_url=redis_url or os.environ.get("TIDAL_REDIS_URL") or None,
+        redis_url=redis_url or os.environ.get("TIDAL_REDIS_URL") or None, fsync=fsync,
     ))
 
 

@@ -208,6 +208,7 @@ class UpOptions:
     concurrency: int = 4
     allow_modules: list[str] = field(default_factory=list)
     redis_url: str | None = None  # an existing Redis; None: start one
+    fsync: str = "always"  # the started Redis' appendfsync policy
     health_timeout: float = 30.0
 
 
@@ -269,7 +270,7 @@ def service_specs(opts: UpOptions, env: dict[str, str], logs: Path) -> list[Chil
     return specs
 
 
-def redis_spawn(data_dir: Path) -> tuple[Spawn, str]:
+def redis_spawn(data_dir: Path, fsync: str = "always") -> tuple[Spawn, str]:
     """A spawn function for the embedded Redis on a fixed free port (kept across its
     restarts), and its URL."""
     from common.valkey import free_port, start_server
@@ -281,7 +282,7 @@ def redis_spawn(data_dir: Path) -> tuple[Spawn, str]:
         spec.log.parent.mkdir(parents=True, exist_ok=True)
         with spec.log.open("ab") as log:
             proc, _ = start_server(data_dir / "redis", port=port, aof=True, stdout=log.fileno(),
-                                  preexec_fn=_die_with_parent)
+                                  preexec_fn=_die_with_parent, fsync=fsync)
         return proc
 
     return spawn, f"redis://127.0.0.1:{port}/0"
@@ -349,7 +350,7 @@ def run_up(opts: UpOptions) -> None:
         try:
             redis_url = opts.redis_url
             if redis_url is None:
-                spawn, redis_url = redis_spawn(data_dir)
+                spawn, redis_url = redis_spawn(data_dir, opts.fsync)
                 sup.add(ChildSpec("redis", [], log=logs / "redis.log", last=True), spawn)
                 if sup.children[0].proc is None:
                     raise TidalError(f"the Redis server did not start; see {logs / 'redis.log'}")

@@ -31,11 +31,19 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+FSYNC_POLICIES = ("always", "everysec")
+
+
 def server_args(
-    port: int, data_dir: Path, *, aof: bool = True, host: str = "127.0.0.1"
+    port: int, data_dir: Path, *, aof: bool = True, host: str = "127.0.0.1",
+    fsync: str = "always",
 ) -> list[str]:
-    """Command line of a server with the configuration Tidal ships: AOF with fsync every
-    second, no eviction (a queue must never lose keys to maxmemory), files in data_dir."""
+    """Command line of a server with the configuration Tidal ships: AOF, fsynced before
+    each reply (`always`: under `everysec` a Redis crash while its disk is busy loses
+    acknowledged writes, docs/reliability.md), no eviction (a queue must never lose keys
+    to maxmemory), files in data_dir."""
+    if fsync not in FSYNC_POLICIES:
+        raise ValueError(f"fsync: one of {', '.join(FSYNC_POLICIES)}, not {fsync!r}")
     args = [
         server_binary(),
         "--port", str(port),
@@ -48,7 +56,7 @@ def server_args(
         "--logfile", "",
     ]
     if aof:
-        args += ["--appendonly", "yes", "--appendfsync", "everysec"]
+        args += ["--appendonly", "yes", "--appendfsync", fsync]
     else:
         args += ["--appendonly", "no"]
     return args
@@ -79,13 +87,13 @@ def wait_ready(
 def start_server(
     data_dir: Path, *, port: int | None = None, aof: bool = True, host: str = "127.0.0.1",
     stdout: int | None = subprocess.DEVNULL,
-    preexec_fn: Callable[[], None] | None = None,
+    preexec_fn: Callable[[], None] | None = None, fsync: str = "always",
 ) -> tuple[subprocess.Popen[bytes], str]:
     """Start a server and wait for it; returns the process and its URL."""
     data_dir.mkdir(parents=True, exist_ok=True)
     port = port or free_port(host)
     proc = subprocess.Popen(
-        server_args(port, data_dir, aof=aof, host=host),
+        server_args(port, data_dir, aof=aof, host=host, fsync=fsync),
         stdout=stdout, stderr=subprocess.STDOUT, env={**os.environ}, start_new_session=True,
         preexec_fn=preexec_fn,
     )

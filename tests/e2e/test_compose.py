@@ -34,7 +34,9 @@ def test_compose_services_run_as_local_processes(
 ) -> None:
     services = compose()["services"]
     assert {"redis", "api", "scheduler", "worker"} <= set(services)
-    assert "--appendonly" in services["redis"]["command"]
+    command = services["redis"]["command"]
+    assert command[command.index("--appendonly") + 1] == "yes"
+    assert command[command.index("--appendfsync") + 1] == "always"
     port = free_port()
     token = "compose-admin-token"
     started = {}

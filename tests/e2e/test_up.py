@@ -10,6 +10,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import redis
 
 from common.valkey import free_port
 from tests.e2e.conftest import Procs, clean_env, tidal_cmd
@@ -93,6 +94,13 @@ def test_tidal_up_end_to_end(tmp_path: Path, procs: Procs) -> None:
     assert len(mine) == 26
     assert cli(tmp_path, "status", mine, token=bob).returncode == 0
     assert cli(tmp_path, "status", job_id, token="wrong").returncode == 1
+
+    # its Redis fsyncs before it acknowledges (docs/reliability.md: why always)
+    [server] = [p for p in psutil.Process(up.pid).children(recursive=True)
+                if "valkey-server" in p.name()]
+    [port] = {c.laddr.port for c in server.net_connections("tcp") if c.status == "LISTEN"}
+    with redis.Redis(port=port) as r:
+        assert r.config_get("appendfsync") == {"appendfsync": "always"}
 
     # a worker that dies is restarted, and `tidal up` says so
     [worker] = [p for p in psutil.Process(up.pid).children() if "worker" in p.cmdline()]

@@ -83,8 +83,9 @@ def test_f4_schedulers_killed_in_a_loop_during_a_burst(cluster: Cluster) -> None
 @pytest.mark.timeout(120)
 def test_f5_redis_killed_during_submissions(cluster: Cluster) -> None:
     """Four clients submit while Redis is kill -9'd and restarted on the same files (AOF,
-    fsync every second): every job answered 202 exists afterwards and ends; while Redis is
-    down the API answers 503, never 500; every service reconnects by itself."""
+    `appendfsync always` as shipped): every job answered 202 exists afterwards and ends;
+    while Redis is down the API answers 503, never 500; every service reconnects by itself.
+    (Under everysec this failed once in CI, on a busy disk: test_busy_disk_crash.py.)"""
     c = cluster
     c.api()
     c.scheduler()
@@ -135,7 +136,7 @@ def test_f5_redis_killed_during_submissions(cluster: Cluster) -> None:
     assert statuses[500] == 0 and statuses[503] >= 20
     c.wait_terminal(accepted, timeout=60)
     assert terminal_events(c.events()).keys() >= set(accepted)
-    figures("F5 Redis kill -9 (AOF everysec)", submitted=len(history), accepted=len(accepted),
+    figures("F5 Redis kill -9 (AOF always)", submitted=len(history), accepted=len(accepted),
             lost=len(lost), duplicated=0, faults=1, recovery_s=first_ok - restarted_at,
             http_503=statuses[503], http_500=statuses[500],
             indeterminate=sum(n for s, n in statuses.items() if isinstance(s, str)))
