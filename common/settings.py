@@ -43,6 +43,10 @@ class Settings(BaseSettings):
     # worker then starts its next job without waiting for the scheduler, and priority
     # decides that many jobs earlier; 0 keeps the dispatch stream within the free slots
     dispatch_ahead: float = Field(default=0.0, ge=0.0, le=4.0)
+    # a lone submission (one job, no host, no dependencies) is queued and, when a worker
+    # has a free slot and it is the queue's head, dispatched by submit.lua itself: it
+    # reaches a worker without a scheduler's round trip; off: the scheduler admits all
+    admit_direct: bool = True
     reclaim_idle_s: float = 30.0  # a submissions/events entry pending this long is taken over
     reap_interval_s: float = 2.0
     max_deliveries: int = 3  # a job lost with its worker more often fails as poison

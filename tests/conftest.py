@@ -51,6 +51,11 @@ def settings(valkey_url: str, prefix: str, tmp_path: Path) -> Settings:
         heartbeat_s=0.5,
         worker_ttl_s=3.0,
         log_flush_ms=20,
+        # these rings drive the scheduler by hand (tests/integration/harness.py) and check
+        # what each of its steps does; direct admission would admit a lone job before the
+        # step. It has its own tests (test_admit_direct.py), and the e2e and fault rings,
+        # real processes on the defaults, run with it on.
+        admit_direct=False,
     )
 
 

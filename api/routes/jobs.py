@@ -212,12 +212,14 @@ _FIXED_FIELDS = ("kind", "queue", "priority", "retries", "spec")
 def _submit_call(ctx: AppState, owner: str, ids: list[str], subs: list[JobSubmission],
                  fields: list[dict[str, Any]], start: int, end: int) -> sc.Call:
     """submit.lua in batch mode for the jobs start..end-1 (ids, submissions, hash fields
-    made without the default stale_after, which goes once for the call)."""
+    made without the default stale_after, which goes once for the call). A call of one
+    job asks for direct admission (settings.admit_direct)."""
     k, s = ctx.keys, ctx.settings
     keys = [k.submissions(), k.events(), k.user(owner), k.seq()]
     default_stale_ms = int(s.stale_after_s * 1000) if s.stale_after_s else 0
+    direct = s.admit_direct and end - start == 1  # submit.lua admits it itself (if plain)
     args: list[Any] = ["*", s.events_maxlen, owner, s.max_active_per_user, s.max_queue_size,
-                       default_stale_ms]
+                       default_stale_ms, int(s.priority_step_s * 1000) if direct else ""]
     job_key, queues = k.job, {}
     for i in range(start, end):
         sub, f = subs[i], fields[i]
@@ -230,6 +232,10 @@ def _submit_call(ctx: AppState, owner: str, ids: list[str], subs: list[JobSubmis
             for name, value in f.items():
                 if name not in _FIXED_FIELDS:
                     args += (name, value)
+    if direct:
+        queue = subs[start].queue
+        keys += (k.delayed(), k.queues(), k.stale(), k.ledger(), k.dispatch(queue),
+                 k.capacity(queue))
     return sc.Call("submit", keys, args)
 
 

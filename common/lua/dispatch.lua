@@ -48,53 +48,5 @@ if ARGV[1] == '*' then
 else
   for i = 1, #KEYS - 6 do order[i] = {KEYS[6 + i], ARGV[9 + i]} end
 end
-local used = redis.call('HMGET', ledger, 'cpu', 'memory_mb', 'gpu')
-local free = {tonumber(cap[2]) - (tonumber(used[1]) or 0),
-              tonumber(cap[3]) - (tonumber(used[2]) or 0),
-              tonumber(cap[4]) - (tonumber(used[3]) or 0)}
-local largest = {tonumber(cap[5]), tonumber(cap[6]), tonumber(cap[7])}
-local slots = tonumber(cap[1]) - redis.call('XLEN', stream)
-local now = now_ms()
-local sent, held = 0, 0
-
-local taken = {}  -- ids dispatched: out of the stale zset with one ZREM at the end
-for i = 1, #order do
-  if slots <= 0 then break end
-  local job, id = order[i][1], order[i][2]
-  local h = redis.call('HMGET', job, 'state', 'res_cpu', 'res_mem', 'res_gpu')
-  if h[1] == 'queued' then
-    local need = {tonumber(h[2]) or 0, tonumber(h[3]) or 0, tonumber(h[4]) or 0}
-    local fits = true
-    for r = 1, 3 do
-      if need[r] > 0 and (need[r] > free[r] or need[r] > largest[r]) then fits = false end
-    end
-    -- a queued job may have left this queue since the caller read it (another scheduler
-    -- dispatched it and it was requeued elsewhere, or it waits for its host): ZREM's
-    -- answer says whether it is still here, so no ZSCORE first
-    if fits and redis.call('ZREM', queue, id) == 1 then
-      taken[#taken + 1] = id
-      for r = 1, 3 do free[r] = free[r] - need[r] end
-      if need[1] + need[2] + need[3] > 0 then
-        redis.call('HINCRBYFLOAT', ledger, 'cpu', need[1])
-        redis.call('HINCRBY', ledger, 'memory_mb', need[2])
-        redis.call('HINCRBY', ledger, 'gpu', need[3])
-        redis.call('HSET', job, 'res_held', '1')
-      end
-      local entry = redis.call('XADD', stream, '*', 'id', id)
-      redis.call('HSET', job, 'state', 'dispatched', 'dispatch_id', entry,
-                 'dispatched_at', now, 'wait_reason', '')
-      emit(events, maxlen, job, id, 'dispatched', now, by)
-      slots = slots - 1
-      sent = sent + 1
-    elseif not fits and redis.call('ZSCORE', queue, id) then
-      redis.call('HSET', job, 'wait_reason', 'resources')
-      held = held + 1
-    end
-  else
-    redis.call('ZREM', queue, id)  -- a stray member (e.g. left by a repair) must not block
-  end
-end
-for i = 1, #taken, 1000 do
-  redis.call('ZREM', stale, unpack(taken, i, math.min(i + 999, #taken)))
-end
+local sent, held = dispatch_jobs(queue, stream, events, ledger, stale, cap, order, maxlen, by)
 return {sent, held}

@@ -33,7 +33,8 @@
 --   job hash again when it has no key), queue zset
 -- ARGV[2] events MAXLEN, ARGV[3] owner, ARGV[4] limit of active jobs (0 = none),
 -- ARGV[5] queue size limit (0 = none), ARGV[6] stale_after (ms) of jobs that give none
---   (0 = none), then per job: id, idempotency TTL (0 = no key), the values of the fields
+--   (0 = none), ARGV[7] the priority step (ms) for direct admission ('' = none), then per
+--   job: id, idempotency TTL (0 = no key), the values of the fields
 --   every job has: kind, queue, priority, retries, spec; then n = the number of
 --   field/value items that follow, and those n items (host, stale_after, ndeps, ...).
 --   Fixed fields by position and one default for all: about half the arguments per job
@@ -42,16 +43,44 @@
 --   0 deduplicated (id: the existing job, created_ms 0 when it is not known);
 --   {-4, active} or {-5, size, i} (i: the first job of the full queue) with nothing written.
 -- A job whose idempotency key an earlier job of the same call took is deduplicated to it.
+--
+-- Direct admission (ARGV[7] not '', a call of one job, six more keys at the end: delayed
+-- zset, queue-names set, stale zset, ledger hash, the queue's dispatch stream and capacity
+-- hash): a job with no host and no dependencies is admitted here, as admit.lua would, and
+-- dispatched, as a worker's dispatch.lua call would (the published capacity, and only if
+-- it is the queue's head), instead of going through the submissions stream and a
+-- scheduler. A lone job then reaches a worker without waking the scheduler at all.
+
+-- admit.lua for one plain job, then a head-checked dispatch on the published capacity
+local function admit_direct(key, queue, id, now, step, owner, maxlen, h, stale_after)
+  local n = #KEYS
+  local events, delayed, queues, stale = KEYS[2], KEYS[n - 5], KEYS[n - 4], KEYS[n - 3]
+  local k = {job = key, queue = queue, delayed = delayed}
+  local reason = enqueue(k, id, now, step, now, h, {'admitted_at', now})
+  if tonumber(stale_after) then
+    redis.call('ZADD', stale, math.max(now, tonumber(h[2]) or 0) + tonumber(stale_after), id)
+  end
+  emit(events, maxlen, key, id, 'queued', now, owner, {'wait_reason', reason})
+  redis.call('SADD', queues, h.queue)
+  if reason ~= 'priority' then return end
+  local cap = redis.call('HMGET', KEYS[n], 'slots', 'cpu', 'memory_mb', 'gpu', 'max_cpu',
+                         'max_memory_mb', 'max_gpu')
+  if cap[1] and redis.call('ZRANGE', queue, 0, 0)[1] == id then
+    dispatch_jobs(queue, KEYS[n - 1], events, KEYS[n - 2], stale, cap, {{key, id}}, maxlen,
+                  owner)
+  end
+end
 
 local function submit_batch()
   local subs, events, user, seq = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
   local maxlen, owner = ARGV[2], ARGV[3]
   local max_active, max_queue = tonumber(ARGV[4]), tonumber(ARGV[5])
   local stale_default = ARGV[6] ~= '0' and ARGV[6] or nil
+  local direct = ARGV[7] ~= '' and tonumber(ARGV[7])
   -- per job (index i): where its arguments start, and 1 when it is to be written; its
   -- keys are KEYS[3i + 2 .. 3i + 4]
   local starts, fresh_at, out, taken, per_queue = {}, {}, {1}, {}, {}
-  local fresh, a, i = 0, 7, 0
+  local fresh, a, i = 0, 8, 0
   while a <= #ARGV do
     i = i + 1
     local key, idem, id, ttl = KEYS[3 * i + 2], KEYS[3 * i + 3], ARGV[a], tonumber(ARGV[a + 1])
@@ -97,7 +126,7 @@ local function submit_batch()
       sub_seq = sub_seq + 1
       local at, key = starts[j], KEYS[3 * j + 2]
       local id, n = ARGV[at], tonumber(ARGV[at + 7])
-      local host, ndeps = '', '0'
+      local host, ndeps, scheduled, stale = '', '0', nil, stale_default
       if n == 0 and stale_default then  -- the common case: one call, no table
         redis.call('HSET', key, 'id', id, 'state', 'pending', 'created_at', now,
                    'attempt', 0, 'owner', owner, 'sub_seq', sub_seq, 'seq', 1,
@@ -108,24 +137,32 @@ local function submit_batch()
                         'attempt', 0, 'owner', owner, 'sub_seq', sub_seq, 'seq', 1,
                         'kind', ARGV[at + 2], 'queue', ARGV[at + 3], 'priority', ARGV[at + 4],
                         'retries', ARGV[at + 5], 'spec', ARGV[at + 6]}
-        local stale = stale_default
+        local own_stale = false
         for f = at + 8, at + 7 + n, 2 do
           local name, value = ARGV[f], ARGV[f + 1]
           fields[#fields + 1], fields[#fields + 2] = name, value
           if name == 'host' then host = value
           elseif name == 'ndeps' then ndeps = value
-          elseif name == 'stale_after' then stale = nil end
+          elseif name == 'scheduled_at' then scheduled = value
+          elseif name == 'stale_after' then stale, own_stale = value, true end
         end
-        if stale then fields[#fields + 1], fields[#fields + 2] = 'stale_after', stale end
+        if stale and not own_stale then
+          fields[#fields + 1], fields[#fields + 2] = 'stale_after', stale
+        end
         redis.call(unpack(fields))
       end
       local ttl = tonumber(ARGV[at + 1])
       if ttl > 0 then redis.call('SET', KEYS[3 * j + 3], id, 'EX', ttl) end
-      redis.call('XADD', subs, '*', 'id', id, 'q', ARGV[at + 3], 'h', host, 'd', ndeps)
       -- the first event, as emit() writes it (the hash's seq was set to 1 above); the
       -- stream is trimmed once for the call, below
       redis.call('XADD', events, '*', 'job', id, 'seq', 1, 'state', 'pending', 'at', now,
                  'by', owner)
+      if direct and i == 1 and host == '' and ndeps == '0' then
+        local h = {ARGV[at + 4], scheduled, nil, sub_seq, queue = ARGV[at + 3]}
+        admit_direct(key, KEYS[3 * j + 4], id, now, direct, owner, maxlen, h, stale)
+      else
+        redis.call('XADD', subs, '*', 'id', id, 'q', ARGV[at + 3], 'h', host, 'd', ndeps)
+      end
       out[3 * j + 1] = now
     end
   end

@@ -39,6 +39,7 @@ def spawn_api(settings: Settings, port: int, log_path: Path) -> subprocess.Popen
         "TIDAL_TOKEN": "admintoken",
         "TIDAL_API_PORT": str(port),
         "TIDAL_LOG_FORMAT": "json",
+        "TIDAL_ADMIT_DIRECT": str(settings.admit_direct).lower(),
     }
     with log_path.open("ab") as log:
         return subprocess.Popen([sys.executable, "-c", RUN], env=env, stdout=log, stderr=log)
