@@ -64,6 +64,7 @@ from api.routes.jobs import ERRORS, read_job, visible_job
 from api.watch import Entry
 from common.clock import monotonic, ms_to_iso
 from common.models import TERMINAL_STATES, Job, LogLine, LogPage
+from common.streams import watch_done
 from common.tables import LOG_STREAM_NAMES, LogRecord, log_entry
 
 log = structlog.get_logger("api")
@@ -72,6 +73,7 @@ router = APIRouter(prefix="/jobs", tags=["logs"])
 STREAM_ID_PATTERN = r"^\d{1,20}-\d{1,20}$"
 PING_S = 15.0
 BLOCK_MS = 1000
+WATCH_RENEW_S = 20.0  # a follow renews its done-stream marker (which lives DONE_TTL_S)
 READ_COUNT = 1000
 _STREAMS = LOG_STREAM_NAMES
 
@@ -262,21 +264,31 @@ def raw_reader(client: aredis.Redis) -> aredis.Redis:
     return raw
 
 
-def _log_entries(reply: Any, key: str) -> tuple[list[Entry], bool]:
+def _log_entries(reply: Any, key: str) -> tuple[list[Entry], str | None]:
     """A raw XREAD reply over the log stream and the job's done stream (RESP2 list or
-    RESP3 dict): (the log stream's entries, whether the done stream answered)."""
+    RESP3 dict): (the log stream's entries, the id of the last done-stream entry read, None
+    when that stream did not answer)."""
     if not reply:
-        return [], False
+        return [], None
     entries: list[Entry] = []
-    done = False
+    done = None
     for name, items in (reply.items() if isinstance(reply, dict) else reply):
         if name == key:  # a line has 3 fields (s, t, l): a dict display, else any length
             entries = [(eid, {f[0]: f[1], f[2]: f[3], f[4]: f[5]} if len(f) == 6
                         else dict(zip(f[::2], f[1::2], strict=True)))
                        for eid, f in (items or [])]
         elif items:
-            done = True
+            done = items[-1][0]
     return entries, done
+
+
+async def _watch_done(ctx: AppState, done_key: str) -> str:
+    """Register this follower on the job's done stream (`watch_done`); the id to read
+    that stream after."""
+    pipe = ctx.redis.pipeline(transaction=False)
+    watch_done(pipe, done_key)
+    marker, _ttl = await pipe.execute()
+    return str(marker)
 
 
 async def _rest(ctx: AppState, job_id: str, last: str) -> AsyncIterator[list[Entry]]:
@@ -295,15 +307,20 @@ async def tail(
     server stops or `gone()` says the consumer left; RedisError propagates.
 
     The blocking read also watches the job's done stream (every path to a terminal state
-    writes it: `mark_done` in _lib.lua), so a job that ends without a last line ends the
-    follow at once, not after the block. Right after a full page the state is not read
-    (a flood costs one round trip per page): if the job ended meanwhile, its done stream
-    answers the next read at once, and the state is read after that."""
+    writes it, `mark_done` in _lib.lua, once a follower has created it: `watch_done`, done
+    again before each read of the state and renewed every WATCH_RENEW_S), so a job that
+    ends without a last line ends the follow at once, not after the block. Right after a
+    full page the state is not read (a flood costs one round trip per page): if the job
+    ended meanwhile, its done stream answers the next read at once, and the state is read
+    after that."""
     key, last, quiet_since, seen = ctx.keys.log(job_id), after, monotonic(), None
-    streams = {key: last, ctx.keys.done(job_id): "0-0"}
-    full_page = False
+    done_key = ctx.keys.done(job_id)
+    streams = {key: last, done_key: "0-0"}
+    full_page, watched_at = False, float("-inf")
     while not ctx.stopping.is_set() and not await gone():
         if not full_page:
+            if monotonic() - watched_at >= WATCH_RENEW_S:  # before the state is read
+                streams[done_key], watched_at = await _watch_done(ctx, done_key), monotonic()
             values = await ctx.redis.hmget(ctx.keys.job(job_id), list(STATE_FIELDS))
             h = {name: v for name, v in zip(STATE_FIELDS, values, strict=True) if v is not None}
             if h.get("state") and h.get("seq") != seen:
@@ -316,13 +333,15 @@ async def tail(
                 yield Ended(await read_job(ctx, job_id))
                 return
         streams[key] = last
-        got, finished = _log_entries(
+        got, done_id = _log_entries(
             await raw_reader(ctx.redis).xread(streams, count=READ_COUNT, block=BLOCK_MS), key)
         full_page = len(got) >= READ_COUNT
+        if done_id is not None:  # an end, or another follower's marker: look at the state
+            streams[done_key], full_page = done_id, False
         if got:
             last, quiet_since = got[-1][0], monotonic()
             yield Lines(got)
-        elif finished:
+        elif done_id is not None:
             continue  # the state check at the top ends it
         elif monotonic() - quiet_since >= PING_S:
             quiet_since = monotonic()

@@ -101,7 +101,12 @@ end
 -- A job reached a terminal state: wake its live log followers, which block on its done
 -- stream {tidal}:done:<id> beside its log stream (api/routes/logs.py `tail`), so a follow
 -- ends at once on every path to a terminal state (finish, cancel, expire, poison, a failed
--- dependency), not at the end of its read block; and append one entry (`job`, `state`) to
+-- dependency), not at the end of its read block. Only a followed job has that stream: a
+-- follower creates it (a `follow` marker, common/streams.py `watch_done`) before it reads
+-- the job's state, so either it sees the end in that read or the stream exists here; a
+-- job nobody follows costs an EXISTS, not a stream key created, expired and freed (~20 us
+-- of server CPU a job, the most of any single step of a finish). And append one entry
+-- (`job`, `state`) to
 -- the global finished stream {tidal}:finished, which the API's long-polls that wait only
 -- for a job's end (until=finished, POST /jobs?wait=) read, so they wake once per job, not
 -- at each of its transitions. done, finished: keys from KEYS (either nil: that one skipped).
@@ -109,7 +114,7 @@ end
 -- the request that waits for it (finish.lua: a job submitted with POST /jobs?wait=), so
 -- that request need not read the job again; nil: the entry names the job only.
 local function mark_done(done, finished, id, state, doc)
-  if done then
+  if done and redis.call('EXISTS', done) == 1 then
     redis.call('XADD', done, 'MAXLEN', 1, '*', 'state', state)
     redis.call('EXPIRE', done, 60)
   end

@@ -1,8 +1,9 @@
 """Every path to a terminal state wakes the job's live log followers through its done
-stream ({tidal}:done:<id>), not only finish.lua: cancel while queued, reclaim (poison, or
-cancelled while its worker died), expire, and a dependency that ended the wrong way
-(depend.lua at admission, resolve.lua later). A follower blocked on a job that ends by one
-of these paths must end at once, not at the end of its read block.
+stream ({tidal}:done:<id>, which only a follower creates), not only finish.lua: cancel
+while queued, reclaim (poison, or cancelled while its worker died), expire, and a
+dependency that ended the wrong way (depend.lua at admission, resolve.lua later). A
+follower blocked on a job that ends by one of these paths must end at once, not at the end
+of its read block.
 
 Each of these paths also appends exactly one entry (`job`, `state`) to the global finished
 stream ({tidal}:finished), which the API's waits for a job's end read; a transition that
@@ -23,7 +24,7 @@ from common import scripts as sc
 from common.jobs import new_job_id, submission_fields
 from common.keys import GROUP_SCHEDULERS, GROUP_WORKERS, Keys
 from common.models import JobSubmission
-from common.streams import ensure_group
+from common.streams import ensure_group, watch_done
 from tests.integration.test_api_logs import parse_frames
 
 MAXLEN = 10_000
@@ -31,10 +32,18 @@ STEP_MS = 300_000
 DEADLINE_S = 30.0
 
 
+def _follow(r: redis.Redis, keys: Keys, job_id: str) -> None:
+    """Register a follower of the job's end, as the API's follow does before it reads the
+    state: only a followed job's end is written to its done stream."""
+    pipe = r.pipeline(transaction=False)
+    watch_done(pipe, keys.done(job_id))
+    pipe.execute()
+
+
 def _done_state(r: redis.Redis, keys: Keys, job_id: str) -> str | None:
-    """The state in the job's done stream (None: followers were never woken)."""
+    """The state in the job's done stream (None: its followers were never woken)."""
     entries = r.xrange(keys.done(job_id))
-    return str(entries[-1][1]["state"]) if entries else None
+    return str(entries[-1][1]["state"]) if entries and "state" in entries[-1][1] else None
 
 
 def _finished(r: redis.Redis, keys: Keys) -> list[dict[str, str]]:
@@ -99,14 +108,52 @@ def test_follower_of_a_job_cancelled_while_queued_ends_at_once(
     assert _finished(r, keys) == [{"job": job_id, "state": "cancelled"}]
 
 
+def test_two_followers_of_one_job_both_end_when_it_is_cancelled(
+    client: TestClient, r: redis.Redis, keys: Keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each follower writes its marker in the job's done stream, which keeps one entry: the
+    second one's marker wakes the first, which must look at the state and block again
+    (its cursor past that marker), not spin, and still be woken by the end."""
+    monkeypatch.setattr(log_routes, "BLOCK_MS", 600_000)
+    job_id = str(client.post("/jobs", json={"command": ["make"]}).json()["id"])
+    r.xadd(keys.log(job_id), {"s": "o", "t": 1, "l": "before"})
+    before = _blocked_xread_clients(r)
+    ends: list[str] = []
+
+    def follow() -> None:
+        with client.stream("GET", f"/jobs/{job_id}/logs", params={"follow": "true"}) as resp:
+            for frame in parse_frames(resp.iter_text()):
+                if frame.get("event") == "end":
+                    ends.append(orjson.loads(frame["data"])["state"])
+
+    followers = [threading.Thread(target=follow, daemon=True) for _ in range(2)]
+    try:
+        followers[0].start()
+        _wait_for(lambda: len(_blocked_xread_clients(r) - before) == 1, "the first to block")
+        followers[1].start()
+        _wait_for(lambda: len(_blocked_xread_clients(r) - before) == 2, "both to block")
+        assert 0 < r.ttl(keys.done(job_id)) <= 60
+        assert client.delete(f"/jobs/{job_id}").json()["state"] == "cancelled"
+        for follower in followers:
+            follower.join(DEADLINE_S)
+    finally:
+        if any(f.is_alive() for f in followers):  # unblock them; the test fails
+            r.xadd(keys.done(job_id), {"state": "cancelled"})
+            for follower in followers:
+                follower.join(DEADLINE_S)
+    assert ends == ["cancelled", "cancelled"]
+
+
 # -- each script, against the real server ---------------------------------------------------
 
 
 def _submit(s: sc.Scripts, keys: Keys, **kw: object) -> str:
+    """Submit a job, and follow it (`_follow`)."""
     job_id = new_job_id()
     sub = JobSubmission.model_validate({"command": ["true"], **kw})
     res = s.run(sc.submit(keys, job_id, "alice", submission_fields(sub), events_maxlen=MAXLEN,
                           idempotency_key=sub.idempotency_key))
+    _follow(s.client, keys, str(res[1]))
     return str(res[1])
 
 
@@ -130,6 +177,22 @@ def _dispatch_and_start(r: redis.Redis, s: sc.Scripts, keys: Keys, job: str, wor
     entry = str(items[0][0])
     s.run(sc.start(keys, "default", [(entry, job)], worker=worker, events_maxlen=MAXLEN))
     return entry
+
+
+def test_only_a_followed_job_gets_a_done_stream(r: redis.Redis, keys: Keys) -> None:
+    """mark_done writes the end only where a follower created the stream: a job nobody
+    follows ends without a done-stream key (and its finished entry all the same)."""
+    s = sc.Scripts(r)
+    alone, followed = _submit(s, keys), _submit(s, keys)
+    r.delete(keys.done(alone))  # as if never followed
+    _admit_all(r, s, keys)
+    for job in (alone, followed):
+        assert s.run(sc.cancel(keys, job, "default", by="alice", events_maxlen=MAXLEN,
+                               ttl_s=60)) == "cancelled"
+    assert not r.exists(keys.done(alone))
+    assert _done_state(r, keys, followed) == "cancelled"
+    assert _finished(r, keys) == [{"job": alone, "state": "cancelled"},
+                                  {"job": followed, "state": "cancelled"}]
 
 
 def test_cancel_of_a_queued_job_writes_its_done_stream(r: redis.Redis, keys: Keys) -> None:
@@ -239,6 +302,7 @@ def test_a_dependent_failed_by_settle_has_its_done_stream_written(
     h.worker("w1", slots=2)
     parent = h.submit()
     child = h.submit(depends_on=[parent])
+    _follow(r, keys, child)
     h.step()
     h.take("w1")
     h.finish(parent, "failed", exit_code=1)
