@@ -130,5 +130,8 @@ def cluster_paths(data_dir: Path, env: Mapping[str, str] | None = None) -> list[
 def write_cluster(
     config: CliConfig, data_dir: Path, env: Mapping[str, str] | None = None
 ) -> list[Path]:
-    """What `tidal up` does: write `<data_dir>/cli.json` and the user file."""
-    return write(config, cluster_paths(data_dir, env))
+    """What `tidal up` does: write the user file, then `<data_dir>/cli.json`. The data-dir
+    file is last because it is the one a script waits for: when it appears, both exist."""
+    paths = cluster_paths(data_dir, env)
+    write(config, paths[::-1])
+    return paths

@@ -86,6 +86,23 @@ def test_user_path_defaults_to_dot_config(home: Path, monkeypatch: pytest.Monkey
     assert config.user_path() == home / "home/.config/tidal/cli.json"
 
 
+def test_write_cluster_writes_the_data_dir_file_last(
+    home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Scripts (and tests) wait for <data_dir>/cli.json: when it appears, the user file
+    must already be there."""
+    landed: list[Path] = []
+    replace = config.os.replace
+
+    def record(src: Path, dst: Path) -> None:
+        replace(src, dst)
+        landed.append(Path(dst))
+
+    monkeypatch.setattr(config.os, "replace", record)
+    config.write_cluster(CliConfig(url="http://127.0.0.1:8123"), home / "data")
+    assert landed == [home / "xdg/tidal/cli.json", home / "data/cli.json"]
+
+
 def test_write_cluster_writes_both_files_private(home: Path) -> None:
     cfg = CliConfig(url="http://127.0.0.1:8123", token="tdl_x", redis_url="redis://127.0.0.1:1/0")
     paths = config.write_cluster(cfg, home / "data")
