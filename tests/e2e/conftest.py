@@ -12,6 +12,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from common.procs import die_with_parent
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -38,7 +40,8 @@ class Procs:
               ) -> subprocess.Popen[str]:
         out = open(log, "w")  # noqa: SIM115 (kept open for the child's lifetime)
         proc = subprocess.Popen(list(argv), cwd=cwd, env=env, stdout=out,
-                                stderr=subprocess.STDOUT, text=True)
+                                stderr=subprocess.STDOUT, text=True,
+                                preexec_fn=die_with_parent())
         out.close()
         self.procs.append(proc)
         return proc

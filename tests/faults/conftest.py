@@ -19,6 +19,7 @@ import psutil
 import pytest
 
 from common.keys import Keys
+from common.procs import die_with_parent
 from common.redis import connect
 from common.settings import Settings
 from common.valkey import free_port, start_server
@@ -65,7 +66,8 @@ class Cluster:
         with (self.logs / f"{name}.log").open("ab") as log:
             proc = subprocess.Popen(tidal_cmd(*args), cwd=self.tmp, env={**self.env, **(env or {})},
                                     stdin=subprocess.DEVNULL, stdout=log,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
+                                    stderr=subprocess.STDOUT, start_new_session=True,
+                                    preexec_fn=die_with_parent())
         self.procs[name] = proc
         return proc
 
