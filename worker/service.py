@@ -3,6 +3,8 @@
 Threads (STYLE.md item 8):
 - the consumer (the thread that calls `run()`): XREADGROUP for free slots only, then ONE
   start.lua call per queue for the whole batch, then hands each job to the runner pool;
+  after a failed read it also reads its own pending entries (`_recover_pending`), so the
+  entries of a reply lost on the way do not wait there until the worker stops;
 - up to `slots` runner threads, fed from one ready queue: execute a job, flush its log,
   queue its outcome for the finisher. A batch wakes one runner per job, except that the
   python jobs (thread mode) of a function whose last run took under QUICK_S are run one
@@ -66,6 +68,7 @@ VERSION = "0.1.0"
 FINISH_TRIES_WHEN_STOPPING = 5
 QUICK_S = 0.002  # a python function whose last run took less is run in batches …
 STALL_S = 0.005  # … and a job that waited this long in the ready queue gets its own runner
+RECOVER_COUNT = 10_000  # pending entries looked at after a failed read
 
 log = get_logger("tidal.worker")
 
@@ -108,6 +111,7 @@ class Worker:
         self._running: dict[str, JobRun] = {}
         self._backlog: deque[Entry] = deque()
         self._unsure: set[str] = set()  # entries whose start call failed midway
+        self._recover = False  # a read or start failed: look at our own pending entries
         self._candidates: dict[str, list[str]] = {}  # queue → its head at the last read
         self._ready: deque[tuple[JobRun, float]] = deque()  # (run, monotonic time queued)
         self._ready_cond = threading.Condition(threading.Lock())
@@ -266,12 +270,16 @@ class Worker:
             if free <= 0:
                 continue
             try:
+                if self._recover:
+                    self._recover_pending()
+                    self._recover = False
                 if not self._backlog:
                     self._read(free)
                 self._start(free)
                 failures = 0
             except redis.RedisError as exc:
                 failures += 1
+                self._recover = True
                 log.warning("reading jobs failed", error=str(exc), tries=failures)
                 if "NOGROUP" in str(exc):
                     self._ensure_groups()
@@ -315,6 +323,38 @@ class Worker:
                     self._backlog.append((queue_of[stream], entry_id, job_id))
                 else:
                     self._drop_malformed(stream, entry_id, fields)
+
+    def _recover_pending(self) -> None:
+        """After a failed read or start: the entries pending under this worker's name that
+        it never saw go to the backlog. A read whose reply was lost on the way (a reset
+        connection, a timeout) left its entries in this consumer's pending list, where
+        nothing else looks while the worker lives: `>` gives only new entries, and the
+        reaper takes only a dead worker's. XREADGROUP with id 0 gives the consumer's own
+        pending entries, in full; those it runs or holds in the backlog are left alone
+        (start.lua would skip a running job's entry and acknowledge it), entries deleted
+        meanwhile come without fields and are acknowledged. Only the consumer thread
+        starts jobs, so none starts between the read and the look at what runs."""
+        streams: dict[Any, Any] = {self.keys.dispatch(q): "0" for q in self.queues}
+        queue_of = {self.keys.dispatch(q): q for q in self.queues}
+        reply = self.client.xreadgroup(GROUP_WORKERS, self.id, streams, count=RECOVER_COUNT)
+        with self._slots:
+            known = {run.token for run in self._running.values()}
+        known.update(entry_id for _, entry_id, _ in self._backlog)
+        found: list[Entry] = []
+        for stream, items in _stream_items(reply):
+            for entry_id, fields in items:
+                if entry_id in known:
+                    continue
+                job_id = (fields or {}).get("id")
+                if job_id:
+                    found.append((queue_of[stream], entry_id, job_id))
+                elif not fields:
+                    self.client.xack(stream, GROUP_WORKERS, entry_id)
+                else:
+                    self._drop_malformed(stream, entry_id, fields)
+        if found:
+            log.warning("entries of a lost read recovered", entries=len(found))
+            self._backlog.extendleft(reversed(found))
 
     def _dispatch_and_read(self, streams: dict[Any, Any], count: int, block: int) -> Any:
         """The read of `_read` with the worker's own dispatch in front, in ONE round trip:

@@ -386,6 +386,50 @@ def test_start_reply_lost_is_settled(
     assert r.xpending(keys.dispatch("default"), GROUP_WORKERS)["pending"] == 0
 
 
+@pytest.mark.parametrize("worker_dispatch", [True, False])
+def test_read_reply_lost_is_recovered_by_the_live_worker(
+    settings: Settings, keys: Keys, r: redis.Redis, worker_dispatch: bool
+) -> None:
+    """XREADGROUP ran on the server but its reply never arrived: the entries sit in this
+    live worker's pending list, where neither `>` nor the reaper (dead workers only)
+    looks. The worker reads its own pending entries after the failure and runs them."""
+    lost: list[str] = []
+
+    def prepare(worker: Worker) -> None:
+        def reply_lost(reply: Any) -> Any:
+            if not lost and any(items for _stream, items in reply or []):
+                lost.extend(f["id"] for _s, items in reply for _e, f in items)
+                raise redis.ConnectionError("connection reset while reading the reply")
+            return reply
+
+        if worker_dispatch:
+            real_execute = worker.scripts.execute
+
+            def execute(build: Any, **kw: Any) -> list[Any]:
+                got = real_execute(build, **kw)
+                got[-1] = reply_lost(got[-1])  # the XREADGROUP is the batch's last command
+                return got
+
+            worker.scripts.execute = execute  # type: ignore[method-assign]
+        else:
+            real_read = worker.client.xreadgroup
+
+            def xreadgroup(*args: Any, **kw: Any) -> Any:
+                reply = real_read(*args, **kw)
+                return reply_lost(reply) if ">" in args[2].values() else reply
+
+            worker.client.xreadgroup = xreadgroup  # type: ignore[method-assign]
+
+    one = settings.model_copy(update={"worker_dispatch": worker_dispatch})
+    with serving(one, prepare):
+        job = enqueue(r, keys, command=["echo", "found"])
+        h = wait_done(r, keys, job)
+    assert lost == [job]
+    assert (h["state"], h["attempt"]) == ("completed", "1")
+    assert log_lines(r, keys, job) == ["found"]
+    assert r.xpending(keys.dispatch("default"), GROUP_WORKERS)["pending"] == 0
+
+
 @pytest.mark.parametrize("applied", [True, False])
 def test_finish_is_retried(settings: Settings, keys: Keys, r: redis.Redis, applied: bool) -> None:
     failed: list[str] = []
