@@ -499,6 +499,29 @@ def hosts(as_json: JsonOpt = False, url: UrlOpt = None, token: TokenOpt = None) 
     show(found, as_json, output.hosts_table)
 
 
+@app.command()
+def dashboard(
+    no_open: Annotated[bool, typer.Option(
+        "--no-open", help="Only print the address; do not start a browser.")] = False,
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Open the dashboard in a browser, signed in with this CLI's token; print its address.
+
+    The token travels in the address's #fragment, which a browser never sends to a server:
+    the page keeps it in the browser's local storage and strips it from the address."""
+    import webbrowser
+    from urllib.parse import quote
+
+    found = config.load(url=url, token=token)
+    address = found.url + "/"
+    if found.token:
+        address += "#token=" + quote(found.token, safe="")
+    output.value(address)
+    if not no_open:
+        webbrowser.open(address)
+
+
 cron_app = typer.Typer(help="Cron schedules: submit a job at every tick (UTC).",
                        no_args_is_help=True)
 app.add_typer(cron_app, name="cron")

@@ -499,6 +499,7 @@ def up_banner(
     grid.add_column(style="bold")
     grid.add_column()
     grid.add_row("API", escape(url))
+    grid.add_row("dashboard", escape(f"{url}/") + "  ([bold]tidal dashboard[/] opens it signed in)")
     grid.add_row("docs", escape(f"{url}/docs"))
     grid.add_row("token", "written to " + escape(", ".join(str(p) for p in token_paths)))
     grid.add_row("redis", escape(redis_url))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from api.routes import (
+    dashboard,
     events,
     health,
     hosts,
@@ -28,4 +29,5 @@ ROUTERS: tuple[APIRouter, ...] = (
     hosts.router,
     schedules.router,
     tokens.router,
+    dashboard.router,
 )

@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import subprocess
+import urllib.request
 from pathlib import Path
 
 import psutil
@@ -47,6 +48,14 @@ def test_tidal_up_end_to_end(tmp_path: Path, procs: Procs) -> None:
              what="tidal up to write cli.json")
     assert (tmp_path / "xdg" / "tidal" / "cli.json").exists()
     assert f"http://127.0.0.1:{port}" in log.read_text()
+
+    # the dashboard: `tidal dashboard` gives its address signed in; the page is served
+    out = cli(tmp_path, "dashboard", "--no-open")
+    assert out.returncode == 0, out.stderr
+    page, _, fragment = out.stdout.strip().partition("#token=")
+    assert page == f"http://127.0.0.1:{port}/" and fragment.startswith("tdl_")
+    with urllib.request.urlopen(page, timeout=10) as resp:
+        assert resp.status == 200 and "<title>Tidal</title>" in resp.read().decode()
 
     # the example: both streams as they happen, and the job's exit code
     out = cli(tmp_path, "submit", "--follow", "--", "sh", "-c", "echo hello; echo oops >&2; exit 3")

@@ -402,3 +402,19 @@ def test_states_are_all_coloured() -> None:
     from cli.output import STATE_STYLES
 
     assert set(STATE_STYLES) == set(State)
+
+
+def test_dashboard_prints_the_page_with_the_token_in_its_fragment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    opened: list[str] = []
+    monkeypatch.setattr("webbrowser.open", lambda address: opened.append(address) or True)
+    monkeypatch.setenv("TIDAL_URL", "http://127.0.0.1:8123/")
+    monkeypatch.setenv("TIDAL_TOKEN", "tdl_a+b/c")
+    result = runner.invoke(app, ["dashboard"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "http://127.0.0.1:8123/#token=tdl_a%2Bb%2Fc\n"
+    assert opened == ["http://127.0.0.1:8123/#token=tdl_a%2Bb%2Fc"]
+    opened.clear()
+    result = runner.invoke(app, ["dashboard", "--no-open"])
+    assert result.exit_code == 0 and opened == []
